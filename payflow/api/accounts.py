@@ -1,0 +1,47 @@
+"""/v1/accounts"""
+
+from __future__ import annotations
+
+import json
+
+from flask import Response, request
+from flask_smorest import Blueprint
+
+from payflow import schemas
+from payflow.api.requests import json_body, json_text_response, load, outcome_response
+from payflow.api.services import services
+
+blueprint = Blueprint("accounts", __name__, url_prefix="/v1/accounts",
+                      description="Accounts hold one currency and a balance in minor units.")
+
+
+@blueprint.route("", methods=["POST"])
+@blueprint.response(201, schemas.AccountSchema)
+@blueprint.alt_response(422, schema=schemas.ApiErrorSchema, description="Validation error")
+@json_body(blueprint, schemas.AccountCreateSchema, idempotency_key="optional")
+def create_account(body, idempotent_request) -> Response:
+    outcome = services().ledger.create_account(
+        idempotent_request, body["name"], body["currency"], body["overdraft_limit"]
+    )
+    return outcome_response(outcome)
+
+
+@blueprint.route("/<account_id>", methods=["GET"])
+@blueprint.response(200, schemas.AccountSchema)
+@blueprint.alt_response(404, schema=schemas.ApiErrorSchema, description="No such account")
+def get_account(account_id: str) -> Response:
+    return json_text_response(services().ledger.account(account_id))
+
+
+@blueprint.route("/<account_id>/entries", methods=["GET"])
+@blueprint.doc(parameters=[
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                "maximum": schemas.PAGE_SIZE_MAX}},
+    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+])
+@blueprint.response(200, schemas.EntriesPageSchema)
+@blueprint.alt_response(404, schema=schemas.ApiErrorSchema, description="No such account")
+def list_entries(account_id: str) -> Response:
+    query = load(schemas.PageQuerySchema(), request.args.to_dict())
+    page = services().ledger.entries_page(account_id, query["limit"], query["cursor"])
+    return json_text_response(json.dumps(page))

@@ -1,0 +1,84 @@
+"""Reading a JSON request: content type, strict parsing, idempotency key and
+schema validation, in that order. A request rejected here stores nothing and
+does not burn its idempotency key."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+from flask import Response, request
+from marshmallow import Schema, ValidationError
+
+from payflow import errors, idempotency
+from payflow.ledger import IdempotentRequest, Outcome
+
+# An integer literal this long is far past any bigint; parsing it exactly
+# would cost quadratic time (Python caps int parsing at 4300 digits).
+INTEGER_DIGITS_MAX = 40
+_HUGE = 2**256
+
+
+def _parse_int(literal: str) -> int:
+    if len(literal) > INTEGER_DIGITS_MAX:
+        return -_HUGE if literal.startswith("-") else _HUGE  # fails the range check
+    return int(literal)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_body() -> object:
+    if request.mimetype != "application/json":
+        raise errors.UnsupportedMediaType()
+    raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH
+    try:
+        return json.loads(raw, parse_int=_parse_int, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as error:
+        raise errors.InvalidJson(details={"reason": str(error)[:200]}) from None
+
+
+def load(schema: Schema, data: object) -> dict:
+    try:
+        return schema.load(data)
+    except ValidationError as error:
+        messages = error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
+        raise errors.ValidationFailed(details=messages) from None
+
+
+def json_body(blueprint, schema_class: type[Schema], idempotency_key: str):
+    """Decorates a view taking `(body, idempotent_request)`; documents the body
+    in /openapi.json. idempotency_key: 'required' or 'optional'."""
+    schema = schema_class()
+    required = idempotency_key == "required"
+
+    def decorator(view):
+        @functools.wraps(view)
+        def wrapper(*args, **kwargs):
+            raw = parse_json_body()
+            key = idempotency.key_from_headers(request.headers, required=required)
+            body = load(schema, raw)
+            fingerprint = idempotency.fingerprint(request.method, request.path, raw) if key else None
+            return view(body, IdempotentRequest(key, fingerprint), *args, **kwargs)
+
+        header = {"name": "X-Idempotency-Key", "in": "header", "required": required,
+                  "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                  "description": "Retries with the same key replay the first response."}
+        return blueprint.doc(
+            parameters=[header],
+            requestBody={"required": True, "content": {"application/json": {"schema": schema_class}}},
+        )(wrapper)
+
+    return decorator
+
+
+def outcome_response(outcome: Outcome) -> Response:
+    response = Response(outcome.body, status=outcome.status, mimetype="application/json")
+    if outcome.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def json_text_response(body: str, status: int = 200) -> Response:
+    return Response(body, status=status, mimetype="application/json")

@@ -1,0 +1,32 @@
+"""/v1/transfers"""
+
+from __future__ import annotations
+
+from flask import Response
+from flask_smorest import Blueprint
+
+from payflow import schemas
+from payflow.api.requests import json_body, json_text_response, outcome_response
+from payflow.api.services import services
+
+blueprint = Blueprint("transfers", __name__, url_prefix="/v1/transfers",
+                      description="Transfers move one currency between two accounts.")
+
+
+@blueprint.route("", methods=["POST"])
+@blueprint.response(201, schemas.TransferSchema)
+@blueprint.alt_response(404, schema=schemas.ApiErrorSchema, description="account_not_found")
+@blueprint.alt_response(409, schema=schemas.ApiErrorSchema, description="idempotency_key_in_use")
+@blueprint.alt_response(422, schema=schemas.ApiErrorSchema,
+                        description="validation_error, insufficient_funds, currency_mismatch, "
+                                    "idempotency_key_reused")
+@json_body(blueprint, schemas.TransferCreateSchema, idempotency_key="required")
+def create_transfer(body, idempotent_request) -> Response:
+    return outcome_response(services().ledger.post_transfer(idempotent_request, body))
+
+
+@blueprint.route("/<transfer_id>", methods=["GET"])
+@blueprint.response(200, schemas.TransferSchema)
+@blueprint.alt_response(404, schema=schemas.ApiErrorSchema, description="No such transfer")
+def get_transfer(transfer_id: str) -> Response:
+    return json_text_response(services().ledger.transfer(transfer_id))

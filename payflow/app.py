@@ -1,0 +1,44 @@
+"""create_app builds everything: configuration, the pool, Redis, the routes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from flask import Flask
+from flask_smorest import Api
+
+from payflow import __version__
+from payflow.api import accounts, errors, health, transfers
+from payflow.api.services import Services
+from payflow.config import Config
+from payflow.db import create_pool
+from payflow.idempotency import RedisGuard
+from payflow.ledger import Ledger
+
+
+def create_app(config: Config | Mapping | None = None) -> Flask:
+    config = config if isinstance(config, Config) else Config.load(config)
+    if not config.database_url:
+        raise RuntimeError("PAYFLOW_DATABASE_URL is not set (make run sets it for you)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    app = Flask("payflow")
+    app.config.update(
+        MAX_CONTENT_LENGTH=config.request_body_bytes_max,
+        API_TITLE="payflow",
+        API_VERSION=__version__,
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+    )
+    api = Api(app, spec_kwargs={"info": {"description": "A double-entry payment ledger. "
+                                         "Money is an integer count of minor units."}})
+    for module in (accounts, transfers, health):
+        api.register_blueprint(module.blueprint)
+    errors.register(app)  # after Api(), which registers a handler of its own
+
+    pool = create_pool(config)
+    guard = RedisGuard(config)
+    app.extensions["payflow"] = Services(config, pool, guard, Ledger(config, pool, guard))
+    return app

@@ -1,0 +1,117 @@
+"""The `payflow` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import click
+
+from payflow import runner
+
+
+@click.group()
+def main() -> None:
+    """payflow: a double-entry payment ledger."""
+
+
+@main.group()
+def db() -> None:
+    """The database: migrations and a shell."""
+
+
+@db.command("migrate")
+def db_migrate() -> None:
+    """Apply pending migrations from sql/migrations."""
+    from payflow import migrations
+
+    with runner.server_environment(need_redis=False) as environ:
+        applied = migrations.migrate(environ["PAYFLOW_DATABASE_URL"])
+    for migration in applied:
+        click.echo(f"applied {migration.version:04d}_{migration.name}")
+    click.echo("database is up to date")
+
+
+@db.command("status")
+def db_status() -> None:
+    """List migrations and whether each is applied."""
+    from payflow import migrations
+
+    with runner.server_environment(need_redis=False) as environ:
+        for migration, done in migrations.status(environ["PAYFLOW_DATABASE_URL"]):
+            mark = "applied" if done else "pending"
+            click.echo(f"{migration.version:04d}_{migration.name}  {mark}")
+
+
+@db.command("shell")
+def db_shell() -> None:
+    """psql on the database payflow uses (embedded or PAYFLOW_DATABASE_URL)."""
+    from payflow import embedded
+
+    psql = str(embedded.postgres_bin_dir() / "psql")
+    with runner.server_environment(need_redis=False) as environ:
+        url = environ["PAYFLOW_DATABASE_URL"]
+        # A child, not exec: servers started for this shell alone stop when it ends.
+        code = subprocess.call([psql, url])
+    sys.exit(code)
+
+
+@db.command("url")
+def db_url() -> None:
+    """Print the database URL of the running service."""
+    with runner.server_environment(need_redis=False) as environ:
+        click.echo(environ["PAYFLOW_DATABASE_URL"])
+
+
+@main.command()
+def seed() -> None:
+    """Create demo accounts funded from a system account (idempotent)."""
+    from payflow import migrations
+    from payflow import seed as seeding
+    from payflow.config import Config
+
+    with runner.server_environment(need_redis=False) as environ:
+        migrations.migrate(environ["PAYFLOW_DATABASE_URL"])
+        for account in seeding.seed(Config.load(environ=environ)):
+            click.echo(f"{account.name:<10} {account.currency}  {account.id}  balance {account.balance}")
+
+
+@main.command()
+def run() -> None:
+    """Start everything (`make run`): servers, migrations, demo data, the API."""
+    sys.exit(runner.run_service())
+
+
+@main.command()
+def serve() -> None:
+    """Serve the API with gunicorn (needs PAYFLOW_DATABASE_URL)."""
+    gunicorn_conf = str(runner.CHECKOUT / "gunicorn.conf.py")
+    os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "-c", gunicorn_conf,
+                              "payflow.app:create_app()"])
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def audit(as_json: bool) -> None:
+    """Full audit: entries sum to zero per currency; every balance equals its
+    entries; every entry continues its account's chain. Exit 1 on any problem."""
+    from payflow.audit import full_audit
+
+    with runner.server_environment(need_redis=False) as environ:
+        report = full_audit(environ["PAYFLOW_DATABASE_URL"])
+    if as_json:
+        click.echo(json.dumps(report.__dict__ | {"ok": report.ok}, default=str, indent=2))
+    else:
+        for row in report.currency_sums:
+            click.echo(f"{row['currency']}: {row['entries']} entries, sum {row['entries_sum']}")
+        for row in report.balance_mismatches:
+            click.echo(f"BALANCE MISMATCH account {row['id']} ({row['name']}): "
+                       f"balance {row['balance']} but entries sum to {row['entries_sum']}")
+        for row in report.broken_chains:
+            click.echo(f"CHAIN BROKEN account {row['account_id']} at entry {row['entry_id']}: "
+                       f"balance_after {row['balance_after']}, expected {row['expected_balance']}; "
+                       f"version {row['account_version']}, expected {row['expected_version']}")
+        click.echo("ledger OK" if report.ok else "ledger has problems")
+    sys.exit(0 if report.ok else 1)

@@ -1,0 +1,80 @@
+"""Configuration: defaults, then `PAYFLOW_`-prefixed environment, then a mapping.
+
+Nothing here opens a connection; `create_app` and the CLI read a `Config` once.
+Every limit carries its unit in its name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+ENVIRONMENT_PREFIX = "PAYFLOW_"
+
+
+@dataclass(frozen=True)
+class Config:
+    database_url: str = ""
+    redis_url: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+    # Connection pool (one per process, opened after gunicorn forks).
+    pool_size_min: int = 2
+    pool_size_max: int = 8
+    pool_wait_timeout_seconds: float = 2.0
+    pool_waiting_max: int = 64
+    pool_connection_lifetime_seconds: float = 1800.0
+    statement_timeout_ms: int = 5000
+    lock_timeout_ms: int = 2000
+    prepare_threshold: int = 0  # 0: prepare every statement at first use
+
+    # Transactions that hit a deadlock or serialization failure are retried.
+    transaction_retries_max: int = 3
+
+    # Idempotency (DESIGN.md): keys live >= 24 h; the Redis in-flight lock is short.
+    idempotency_scope: str = "default"
+    idempotency_key_ttl_seconds: int = 24 * 3600
+    idempotency_lock_ms: int = 10_000
+    redis_key_prefix: str = "payflow"
+    redis_timeout_ms: int = 250
+    redis_retry_after_failure_seconds: float = 1.0
+
+    # Requests.
+    request_body_bytes_max: int = 1024 * 1024
+
+    # Audit behind /health.
+    audit_max_age_ms: int = 1000
+    audit_batch_entries_max: int = 200_000
+
+    @classmethod
+    def load(cls, overrides: Mapping | None = None, environ: Mapping | None = None) -> Config:
+        environ = os.environ if environ is None else environ
+        values: dict = {}
+        for field in fields(cls):
+            raw = environ.get(ENVIRONMENT_PREFIX + field.name.upper())
+            if raw is not None:
+                values[field.name] = _parse(field, raw)
+        values.update(overrides or {})
+        unknown = set(values) - {field.name for field in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown configuration: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    def replace(self, **changes) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _parse(field: dataclasses.Field, raw: str):
+    kind = _FIELD_TYPES[field.type]
+    if kind is bool:
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    try:
+        return kind(raw)
+    except ValueError as error:
+        raise ValueError(f"{ENVIRONMENT_PREFIX}{field.name.upper()}: {error}") from None

@@ -1,0 +1,169 @@
+"""The ledger's operations, each one round trip to a SQL function or query.
+
+Responses are rendered by SQL (payflow_*_json) so that a replay returns the
+very bytes of the first response, stored in the same transaction as the work.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg_pool
+from psycopg.types.json import Jsonb
+
+from payflow import errors
+from payflow.config import Config
+from payflow.db import run_with_retries, wrap_errors
+from payflow.idempotency import RedisGuard
+from payflow.queries import queries
+
+CURSOR_PREFIX = "entries:"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int
+    body: str  # JSON text, sent as is
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class IdempotentRequest:
+    key: str | None
+    fingerprint: str | None
+
+
+class Ledger:
+    def __init__(self, config: Config, pool: psycopg_pool.ConnectionPool, guard: RedisGuard) -> None:
+        self._config = config
+        self._pool = pool
+        self._guard = guard
+
+    # -- writes ---------------------------------------------------------------
+
+    def create_account(self, request: IdempotentRequest, name: str, currency: str,
+                       overdraft_limit: int | None, is_system: bool = False) -> Outcome:
+        params = {"name": name, "currency": currency, "overdraft_limit": overdraft_limit,
+                  "is_system": is_system}
+        return self._idempotent("create_account", request, params)
+
+    def post_transfer(self, request: IdempotentRequest, transfer: dict, kind: str = "transfer") -> Outcome:
+        params = {
+            "kind": kind,
+            "from_account_id": transfer["from_account_id"],
+            "to_account_id": transfer["to_account_id"],
+            "amount": transfer["amount"],
+            "currency": transfer.get("currency"),
+            "description": transfer.get("description"),
+            "metadata": Jsonb(transfer.get("metadata") or {}),
+        }
+        return self._idempotent("post_transfer", request, params)
+
+    def _idempotent(self, query_name: str, request: IdempotentRequest, params: dict) -> Outcome:
+        scope = self._config.idempotency_scope
+        params = {**params, "scope": scope, "key": request.key, "fingerprint": request.fingerprint,
+                  "ttl_seconds": self._config.idempotency_key_ttl_seconds}
+        if request.key is None:
+            return self._outcome(self._call(query_name, params))
+        lock = self._guard.acquire(scope, request.key)
+        if not lock.acquired:
+            return self._while_in_flight(scope, request, lock.retry_after_seconds)
+        try:
+            row = self._call(query_name, params)
+        finally:
+            self._guard.release(lock)
+        return self._outcome(row)
+
+    def _call(self, query_name: str, params: dict) -> dict:
+        def transaction() -> dict:
+            with self._pool.connection() as conn:
+                return conn.execute(queries[query_name], params).fetchone()
+
+        return run_with_retries(self._config, transaction)
+
+    def _while_in_flight(self, scope: str, request: IdempotentRequest, retry_after: int) -> Outcome:
+        """Redis says a request with this key is running. A completed one in the
+        database still answers (its lock may be orphaned by a dead process)."""
+        row = self._read("stored_response", {"scope": scope, "key": request.key})
+        if row is None:
+            error = errors.IdempotencyKeyInUse()
+            error.retry_after_seconds = retry_after
+            raise error
+        outcome = "replay" if row["fingerprint"] == request.fingerprint else "reused"
+        return self._outcome({"outcome": outcome, **row})
+
+    @staticmethod
+    def _outcome(row: dict) -> Outcome:
+        match row["outcome"]:
+            case "in_use":
+                raise errors.IdempotencyKeyInUse()
+            case "reused":
+                raise errors.IdempotencyKeyReused()
+            case "replay":
+                return Outcome(row["status"], row["body"], replayed=True)
+            case "created" | "refused":
+                return Outcome(row["status"], row["body"])
+        raise AssertionError(f"unknown outcome {row['outcome']!r}")
+
+    # -- reads ----------------------------------------------------------------
+
+    def _read(self, query_name: str, params: dict) -> dict | None:
+        with wrap_errors(), self._pool.connection() as conn:
+            return conn.execute(queries[query_name], params).fetchone()
+
+    def _read_all(self, query_name: str, params: dict) -> list[dict]:
+        with wrap_errors(), self._pool.connection() as conn:
+            return conn.execute(queries[query_name], params).fetchall()
+
+    def account(self, account_id: str) -> str:
+        return self._body("account_json", account_id, errors.AccountNotFound)
+
+    def transfer(self, transfer_id: str) -> str:
+        return self._body("transfer_json", transfer_id, errors.TransferNotFound)
+
+    def _body(self, query_name: str, raw_id: str, not_found: Callable[[], errors.ApiError]) -> str:
+        resource_id = parse_uuid(raw_id)
+        row = self._read(query_name, {"id": resource_id}) if resource_id else None
+        if row is None:
+            raise not_found()
+        return row["body"]
+
+    def entries_page(self, raw_account_id: str, limit: int, cursor: str | None) -> dict:
+        account_id = parse_uuid(raw_account_id)
+        before_id = decode_cursor(cursor) if cursor else None
+        if account_id is None or not self._read("account_exists", {"id": account_id})["found"]:
+            raise errors.AccountNotFound()
+        rows = self._read_all("entries_page", {"account_id": account_id, "before_id": before_id,
+                                               "limit": limit})
+        page, more = rows[:limit], len(rows) > limit
+        return {"data": [row["entry"] for row in page],
+                "next_cursor": encode_cursor(page[-1]["id"]) if more else None}
+
+
+def parse_uuid(raw: str) -> uuid.UUID | None:
+    """A path id that is not a UUID names no resource: 404, not 422."""
+    try:
+        return uuid.UUID(raw)
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
+def encode_cursor(entry_id: int) -> str:
+    return base64.urlsafe_b64encode(f"{CURSOR_PREFIX}{entry_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not text.startswith(CURSOR_PREFIX):
+            raise ValueError(cursor)
+        entry_id = int(text.removeprefix(CURSOR_PREFIX))
+        if not 0 < entry_id < 2**63:
+            raise ValueError(cursor)
+        return entry_id
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise errors.ValidationFailed(details={"cursor": ["Not a cursor this API returned."]}) from None

@@ -1,0 +1,112 @@
+"""Which servers a command talks to, and the `make run` supervisor.
+
+Order of precedence: PAYFLOW_DATABASE_URL / PAYFLOW_REDIS_URL from the
+environment; else the embedded servers of a live `make run` (found through
+`<home>/servers.json`); else embedded servers started for this command alone,
+on the same data folder, and stopped when it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from payflow import embedded
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+GUNICORN_STOP_TIMEOUT_SECONDS = 40
+
+
+def home() -> Path:
+    configured = os.environ.get("PAYFLOW_HOME")
+    return Path(configured).resolve() if configured else embedded.default_home(CHECKOUT)
+
+
+def _wanted(environ) -> tuple[bool, bool]:
+    return not environ.get("PAYFLOW_DATABASE_URL"), not environ.get("PAYFLOW_REDIS_URL")
+
+
+@contextlib.contextmanager
+def server_environment(need_redis: bool = True) -> Iterator[dict[str, str]]:
+    """Yields PAYFLOW_* URLs to use, starting embedded servers if none are given."""
+    environ = dict(os.environ)
+    want_postgres, want_redis = _wanted(environ)
+    want_redis = want_redis and need_redis
+    if not (want_postgres or want_redis):
+        yield environ
+        return
+    running = embedded.running_servers(home())
+    if running:
+        yield {**running, **{k: v for k, v in environ.items() if k.startswith("PAYFLOW_") and v}}
+        return
+    with embedded.stop_on_signals(), embedded.EmbeddedServers(
+        home(), durable=True, postgres=want_postgres, redis=want_redis
+    ) as servers:
+        yield {**environ, **servers.environment()}
+
+
+def run_service(seed_demo: bool = True) -> int:
+    """`make run`: servers, migrations, demo data, then gunicorn until Ctrl-C/SIGTERM."""
+    from payflow import migrations, seed
+    from payflow.config import Config
+
+    if embedded.running_servers(home()) and any(_wanted(os.environ)):
+        print(f"payflow is already running with the data in {home()}", file=sys.stderr)
+        return 1
+    with server_environment() as environ:
+        database_url = environ["PAYFLOW_DATABASE_URL"]
+        migrations.migrate(database_url)
+        accounts = seed.seed(Config.load(environ=environ)) if seed_demo else []
+        config = Config.load(environ=environ)
+        gunicorn = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(CHECKOUT / "gunicorn.conf.py"),
+             "payflow.app:create_app()"],
+            env=environ, cwd=CHECKOUT,
+            # Its own session: Ctrl-C reaches us only, and we stop it gracefully.
+            start_new_session=True,
+            preexec_fn=embedded.set_parent_death_signal,
+        )
+        try:
+            _print_welcome(config, database_url, accounts)
+            return gunicorn.wait()
+        except KeyboardInterrupt:
+            print("\nstopping payflow (in-flight requests finish first)...", file=sys.stderr)
+            return 0
+        finally:
+            _stop_gracefully(gunicorn)
+
+
+def _stop_gracefully(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)  # gunicorn: graceful shutdown
+        try:
+            process.wait(timeout=GUNICORN_STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _print_welcome(config, database_url: str, accounts) -> None:
+    base = f"http://{config.host}:{config.port}"
+    print(f"\npayflow is serving on {base}  (database: {database_url}, data: {home()})")
+    if accounts:
+        print("\nAccounts:")
+        for account in accounts:
+            print(f"  {account.name:<10} {account.currency}  {account.id}  balance {account.balance}")
+        source = next(a for a in accounts if a.name == "Alice")
+        target = next(a for a in accounts if a.name == "Bob")
+        print(f"""
+Try:
+  curl -X POST {base}/v1/transfers -H 'Content-Type: application/json' \\
+       -H 'X-Idempotency-Key: tx-101' \\
+       -d '{{"from_account_id":"{source.id}","to_account_id":"{target.id}","amount":5000}}'
+  curl {base}/v1/accounts/{source.id}
+  curl {base}/v1/accounts/{source.id}/entries
+  curl {base}/health
+""")
+    print("Ctrl-C stops everything.", flush=True)

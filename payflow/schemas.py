@@ -1,0 +1,183 @@
+"""marshmallow schemas: they validate requests and, through flask-smorest,
+generate /openapi.json. Response bodies are rendered by SQL functions
+(payflow_*_json); the response schemas document them and the tests check
+that every body matches its schema."""
+
+from __future__ import annotations
+
+import json
+
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+
+from payflow.currencies import ISO_4217_CODES
+
+BIGINT_MAX = 2**63 - 1
+NAME_CHARS_MAX = 200
+DESCRIPTION_CHARS_MAX = 1000
+METADATA_KEYS_MAX = 50
+METADATA_KEY_CHARS_MAX = 40
+METADATA_VALUE_CHARS_MAX = 500
+METADATA_BYTES_MAX = 8192
+PAGE_SIZE_DEFAULT = 25
+PAGE_SIZE_MAX = 100
+
+
+class StrictInteger(fields.Integer):
+    """A JSON integer: not a float (even 1.0), not a string, not a boolean."""
+
+    default_error_messages = {"invalid": "Must be an integer (minor units), not a float or string."}
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(strict=True, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class Text(fields.String):
+    """A string PostgreSQL can store: no NUL character, valid Unicode."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if "\x00" in text:
+            raise ValidationError("Must not contain the NUL character.")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError("Must be valid Unicode (no lone surrogates).") from None
+        return text
+
+
+def currency_field(**kwargs) -> fields.String:
+    return fields.String(
+        validate=validate.OneOf(ISO_4217_CODES, error="Must be an ISO 4217 code such as USD."),
+        metadata={"description": "ISO 4217 code, upper case", "example": "USD"},
+        **kwargs,
+    )
+
+
+def amount_field(**kwargs) -> StrictInteger:
+    return StrictInteger(
+        validate=validate.Range(min=1, max=BIGINT_MAX),
+        metadata={"description": "Integer count of minor units (cents), > 0"},
+        **kwargs,
+    )
+
+
+class AccountCreateSchema(Schema):
+    name = Text(required=True, validate=validate.Length(min=1, max=NAME_CHARS_MAX))
+    currency = currency_field(required=True)
+    overdraft_limit = StrictInteger(
+        load_default=0,
+        validate=validate.Range(min=0, max=BIGINT_MAX),
+        metadata={"description": "How far below zero the balance may go, in minor units"},
+    )
+
+
+class AccountSchema(Schema):
+    id = fields.UUID(required=True)
+    object = fields.String(required=True, validate=validate.Equal("account"))
+    name = fields.String(required=True)
+    currency = fields.String(required=True)
+    balance = fields.Integer(required=True)
+    overdraft_limit = fields.Integer(required=True, allow_none=True,
+                                     metadata={"description": "null: unlimited (system accounts)"})
+    is_system = fields.Boolean(required=True)
+    version = fields.Integer(required=True)
+    created_at = fields.DateTime(required=True)
+
+
+class MetadataField(fields.Dict):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(
+            keys=Text(validate=validate.Length(min=1, max=METADATA_KEY_CHARS_MAX)),
+            values=Text(validate=validate.Length(max=METADATA_VALUE_CHARS_MAX)),
+            validate=validate.Length(max=METADATA_KEYS_MAX),
+            metadata={"description": "Up to 50 string keys and string values, 8 KiB in all"},
+            **kwargs,
+        )
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        result = super()._deserialize(value, attr, data, **kwargs)
+        if len(json.dumps(result).encode()) > METADATA_BYTES_MAX:
+            raise ValidationError(f"Must be at most {METADATA_BYTES_MAX} bytes as JSON.")
+        return result
+
+
+class TransferCreateSchema(Schema):
+    from_account_id = fields.UUID(required=True)
+    to_account_id = fields.UUID(required=True)
+    amount = amount_field(required=True)
+    currency = currency_field(load_default=None)
+    description = Text(load_default=None, allow_none=True,
+                       validate=validate.Length(max=DESCRIPTION_CHARS_MAX))
+    metadata = MetadataField(load_default=dict)
+
+    @validates_schema
+    def _distinct_accounts(self, data, **kwargs) -> None:
+        if data.get("from_account_id") and data.get("from_account_id") == data.get("to_account_id"):
+            raise ValidationError("Must differ from from_account_id.", "to_account_id")
+
+
+class TransferSchema(Schema):
+    id = fields.UUID(required=True)
+    object = fields.String(required=True, validate=validate.Equal("transfer"))
+    kind = fields.String(required=True)
+    from_account_id = fields.UUID(required=True)
+    to_account_id = fields.UUID(required=True)
+    amount = fields.Integer(required=True)
+    currency = fields.String(required=True)
+    status = fields.String(required=True)
+    description = fields.String(required=True, allow_none=True)
+    metadata = fields.Dict(required=True, keys=fields.String(), values=fields.String())
+    reverses_transfer_id = fields.UUID(required=True, allow_none=True)
+    created_at = fields.DateTime(required=True)
+
+
+class EntrySchema(Schema):
+    id = fields.String(required=True, metadata={"description": "Increasing within an account"})
+    object = fields.String(required=True, validate=validate.Equal("entry"))
+    transfer_id = fields.UUID(required=True)
+    account_id = fields.UUID(required=True)
+    amount = fields.Integer(required=True, metadata={"description": "Signed: credit > 0"})
+    balance_after = fields.Integer(required=True)
+    account_version = fields.Integer(required=True)
+    created_at = fields.DateTime(required=True)
+
+
+class EntriesPageSchema(Schema):
+    data = fields.List(fields.Nested(EntrySchema), required=True)
+    next_cursor = fields.String(required=True, allow_none=True)
+
+
+class PageQuerySchema(Schema):
+    limit = fields.Integer(load_default=PAGE_SIZE_DEFAULT,
+                           validate=validate.Range(min=1, max=PAGE_SIZE_MAX))
+    cursor = Text(load_default=None, validate=validate.Length(min=1, max=200))
+
+
+class ApiErrorBodySchema(Schema):
+    code = fields.String(required=True)
+    message = fields.String(required=True)
+    details = fields.Dict(required=True)
+
+
+class ApiErrorSchema(Schema):
+    error = fields.Nested(ApiErrorBodySchema, required=True)
+
+
+class HealthSchema(Schema):
+    status = fields.String(required=True, validate=validate.OneOf(["healthy", "unhealthy"]))
+    ledger_integrity_sum = fields.Integer(required=True, allow_none=True)
+    audited_at = fields.DateTime(required=True, allow_none=True)
+    audited_through_entry_id = fields.Integer(required=True, allow_none=True)
+    problems = fields.List(fields.Dict(), required=True)
+    reason = fields.String(load_default=None, allow_none=True)
+
+
+class ReadySchema(Schema):
+    status = fields.String(required=True, validate=validate.OneOf(["ready", "degraded", "unavailable"]))
+    database = fields.String(required=True)
+    redis = fields.String(required=True)

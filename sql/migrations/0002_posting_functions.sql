@@ -1,0 +1,236 @@
+-- 0002: the posting path as SQL functions, so a transfer is one round trip and
+-- the account row locks are held only while PostgreSQL itself works (no network
+-- round trip happens under a lock). Names carry a version: a change of
+-- behaviour is a new function, so old and new code can run side by side.
+
+-- RFC 3339 in UTC whatever the session's TimeZone: stored responses must not
+-- depend on the connection that wrote them.
+CREATE FUNCTION payflow_timestamp_json(value timestamptz) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT to_char(value AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+$$;
+
+-- The one error shape of the HTTP API (the Python handlers build the same).
+CREATE FUNCTION payflow_error_json(code text, message text, details jsonb DEFAULT '{}')
+RETURNS jsonb LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT jsonb_build_object('error',
+        jsonb_build_object('code', code, 'message', message, 'details', details))
+$$;
+
+CREATE FUNCTION payflow_account_json(a accounts) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT jsonb_build_object(
+        'id', a.id, 'object', 'account', 'name', a.name, 'currency', a.currency,
+        'balance', a.balance, 'overdraft_limit', a.overdraft_limit,
+        'is_system', a.is_system, 'version', a.version,
+        'created_at', payflow_timestamp_json(a.created_at))
+$$;
+
+CREATE FUNCTION payflow_transfer_json(t transfers) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT jsonb_build_object(
+        'id', t.id, 'object', 'transfer', 'kind', t.kind,
+        'from_account_id', t.from_account_id, 'to_account_id', t.to_account_id,
+        'amount', t.amount, 'currency', t.currency, 'status', t.status,
+        'description', t.description, 'metadata', t.metadata,
+        'reverses_transfer_id', t.reverses_transfer_id,
+        'created_at', payflow_timestamp_json(t.created_at))
+$$;
+
+CREATE FUNCTION payflow_entry_json(e entries) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT jsonb_build_object(
+        'id', e.id::text, 'object', 'entry', 'transfer_id', e.transfer_id,
+        'account_id', e.account_id, 'amount', e.amount,
+        'balance_after', e.balance_after, 'account_version', e.account_version,
+        'created_at', payflow_timestamp_json(e.created_at))
+$$;
+
+-- Starts an idempotent request. outcome is
+--   'new'     nothing stored: execute, then call payflow_idempotency_finish_v1
+--   'replay'  completed before: status and body are the stored response
+--   'reused'  the key was used for a different request
+--   'in_use'  a live transaction is executing this key right now
+-- The database, not Redis, decides whether a request is running: the advisory
+-- lock lives exactly as long as the transaction executing the request, so a
+-- crashed or rolled-back request never blocks or burns its key.
+CREATE FUNCTION payflow_idempotency_begin_v1(
+    p_scope text, p_key text, p_fingerprint text,
+    OUT outcome text, OUT status integer, OUT body text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    stored idempotency_keys;
+BEGIN
+    IF p_key IS NULL THEN
+        outcome := 'new';
+        RETURN;
+    END IF;
+    IF NOT pg_try_advisory_xact_lock(hashtextextended(p_scope || E'\n' || p_key, 0)) THEN
+        outcome := 'in_use';
+        RETURN;
+    END IF;
+    -- A fresh snapshot (volatile plpgsql): a request that held the lock and
+    -- committed just before we took it is visible here.
+    SELECT * INTO stored FROM idempotency_keys
+     WHERE scope = p_scope AND key = p_key AND expires_at > now();
+    IF NOT FOUND THEN
+        outcome := 'new';
+    ELSIF stored.fingerprint <> p_fingerprint THEN
+        outcome := 'reused';
+    ELSE
+        outcome := 'replay';
+        status := stored.response_status;
+        body := stored.response_body;
+    END IF;
+END $$;
+
+CREATE FUNCTION payflow_idempotency_finish_v1(
+    p_scope text, p_key text, p_fingerprint text, p_status integer, p_body text,
+    p_ttl_seconds integer)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    written integer;
+BEGIN
+    IF p_key IS NULL THEN
+        RETURN;
+    END IF;
+    INSERT INTO idempotency_keys AS k
+           (scope, key, fingerprint, response_status, response_body, expires_at)
+    VALUES (p_scope, p_key, p_fingerprint, p_status, p_body,
+            now() + make_interval(secs => p_ttl_seconds))
+    ON CONFLICT (scope, key) DO UPDATE
+        SET fingerprint = EXCLUDED.fingerprint, response_status = EXCLUDED.response_status,
+            response_body = EXCLUDED.response_body, created_at = now(),
+            expires_at = EXCLUDED.expires_at
+        WHERE k.expires_at <= now();  -- only an expired key may be taken over
+    GET DIAGNOSTICS written = ROW_COUNT;
+    IF written <> 1 THEN  -- impossible while payflow_idempotency_begin_v1 holds the lock
+        RAISE EXCEPTION 'idempotency key % already stored', p_key
+            USING ERRCODE = 'unique_violation', CONSTRAINT = 'idempotency_keys_pkey';
+    END IF;
+END $$;
+
+CREATE FUNCTION payflow_create_account_v1(
+    p_scope text, p_key text, p_fingerprint text, p_ttl_seconds integer,
+    p_name text, p_currency text, p_overdraft_limit bigint, p_is_system boolean,
+    OUT outcome text, OUT status integer, OUT body text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    created accounts;
+BEGIN
+    SELECT b.outcome, b.status, b.body INTO outcome, status, body
+      FROM payflow_idempotency_begin_v1(p_scope, p_key, p_fingerprint) b;
+    IF outcome <> 'new' THEN
+        RETURN;
+    END IF;
+    INSERT INTO accounts (name, currency, overdraft_limit, is_system)
+    VALUES (p_name, p_currency, p_overdraft_limit, p_is_system)
+    RETURNING * INTO created;
+    outcome := 'created';
+    status := 201;
+    body := payflow_account_json(created)::text;
+    PERFORM payflow_idempotency_finish_v1(p_scope, p_key, p_fingerprint, status, body, p_ttl_seconds);
+END $$;
+
+-- The business checks of a transfer, on the locked rows. NULL when it may go
+-- ahead, else {status, body} of the refusal (a 4xx stored for replay).
+CREATE FUNCTION payflow_transfer_refusal_v1(
+    source accounts, destination accounts, p_from uuid, p_to uuid,
+    p_amount bigint, p_currency text)
+RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    bigint_max constant numeric := 9223372036854775807;
+BEGIN
+    IF source.id IS NULL OR destination.id IS NULL THEN
+        RETURN jsonb_build_object('status', 404, 'body', payflow_error_json(
+            'account_not_found', 'No account with this id.',
+            jsonb_build_object('account_id', CASE WHEN source.id IS NULL THEN p_from ELSE p_to END)));
+    END IF;
+    IF source.currency <> destination.currency
+       OR source.currency <> coalesce(p_currency, source.currency) THEN
+        RETURN jsonb_build_object('status', 422, 'body', payflow_error_json(
+            'currency_mismatch', 'A transfer moves one currency, held by both accounts.',
+            jsonb_build_object('from_currency', source.currency,
+                               'to_currency', destination.currency,
+                               'currency', coalesce(p_currency, source.currency))));
+    END IF;
+    IF source.overdraft_limit IS NOT NULL
+       AND source.balance::numeric - p_amount < -source.overdraft_limit THEN
+        RETURN jsonb_build_object('status', 422, 'body', payflow_error_json(
+            'insufficient_funds', 'The source account cannot cover this amount.',
+            jsonb_build_object('account_id', source.id, 'amount', p_amount)));
+    END IF;
+    IF destination.balance::numeric + p_amount > bigint_max
+       OR source.balance::numeric - p_amount < -bigint_max - 1 THEN
+        RETURN jsonb_build_object('status', 422, 'body', payflow_error_json(
+            'balance_limit_exceeded', 'The transfer would take a balance past the 64-bit limit.',
+            jsonb_build_object('amount', p_amount)));
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- One transfer, one transaction, one round trip: idempotency check, accounts
+-- locked in id order, business checks, transfer + two entries + balances +
+-- outbox task, and the response stored for replay.
+CREATE FUNCTION payflow_post_transfer_v1(
+    p_scope text, p_key text, p_fingerprint text, p_ttl_seconds integer,
+    p_kind text, p_from uuid, p_to uuid, p_amount bigint, p_currency text,
+    p_description text, p_metadata jsonb,
+    OUT outcome text, OUT status integer, OUT body text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    locked accounts;
+    source accounts;
+    destination accounts;
+    refusal jsonb;
+    posted transfers;
+BEGIN
+    SELECT b.outcome, b.status, b.body INTO outcome, status, body
+      FROM payflow_idempotency_begin_v1(p_scope, p_key, p_fingerprint) b;
+    IF outcome <> 'new' THEN
+        RETURN;
+    END IF;
+
+    -- Lock both accounts in ascending id order, to prevent deadlocks between
+    -- opposite transfers (A->B and B->A).
+    FOR locked IN SELECT * FROM accounts WHERE id IN (p_from, p_to) ORDER BY id FOR UPDATE LOOP
+        IF locked.id = p_from THEN
+            source := locked;
+        ELSE
+            destination := locked;
+        END IF;
+    END LOOP;
+
+    refusal := payflow_transfer_refusal_v1(source, destination, p_from, p_to, p_amount, p_currency);
+    IF refusal IS NOT NULL THEN
+        outcome := 'refused';
+        status := (refusal ->> 'status')::integer;
+        body := (refusal -> 'body')::text;
+    ELSE
+        INSERT INTO transfers (kind, from_account_id, to_account_id, amount, currency,
+                               description, metadata)
+        VALUES (p_kind, p_from, p_to, p_amount, source.currency, p_description,
+                coalesce(p_metadata, '{}'))
+        RETURNING * INTO posted;
+
+        UPDATE accounts SET balance = balance - p_amount, version = version + 1
+         WHERE id = p_from RETURNING * INTO source;
+        UPDATE accounts SET balance = balance + p_amount, version = version + 1
+         WHERE id = p_to RETURNING * INTO destination;
+
+        -- Inserted after the rows above gave this transaction its xid: the
+        -- incremental audit relies on entry ids being taken by transactions
+        -- that already have one (see payflow_audit_step_v1).
+        INSERT INTO entries (transfer_id, account_id, amount, balance_after, account_version)
+        VALUES (posted.id, p_from, -p_amount, source.balance, source.version),
+               (posted.id, p_to, p_amount, destination.balance, destination.version);
+
+        INSERT INTO outbox (topic, payload)
+        VALUES ('transfer.posted', jsonb_build_object('transfer_id', posted.id));
+
+        outcome := 'created';
+        status := 201;
+        body := payflow_transfer_json(posted)::text;
+    END IF;
+    PERFORM payflow_idempotency_finish_v1(p_scope, p_key, p_fingerprint, status, body, p_ttl_seconds);
+END $$;
