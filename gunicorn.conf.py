@@ -17,7 +17,8 @@ timeout = 30
 keepalive = 5
 # Each worker builds its own app (and its pool) after the fork.
 preload_app = False
-accesslog = os.environ.get("PAYFLOW_ACCESS_LOG", "-")
+# PAYFLOW_ACCESS_LOG="" turns the access log off (benchmarks, tests).
+accesslog = os.environ.get("PAYFLOW_ACCESS_LOG", "-") or None
 errorlog = "-"
 loglevel = "info"
 

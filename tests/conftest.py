@@ -121,7 +121,7 @@ def db(database_url):
         yield conn
 
 
-def test_config(database_url: str, redis_url: str, **overrides) -> Config:
+def make_config(database_url: str, redis_url: str, **overrides) -> Config:
     return Config.load(
         {"database_url": database_url, "redis_url": redis_url,
          "redis_key_prefix": f"test-{uuid.uuid4().hex[:12]}", "audit_max_age_ms": 0,
@@ -132,7 +132,7 @@ def test_config(database_url: str, redis_url: str, **overrides) -> Config:
 
 @pytest.fixture
 def config(database_url, servers) -> Config:
-    return test_config(database_url, servers["redis"])
+    return make_config(database_url, servers["redis"])
 
 
 @pytest.fixture
@@ -146,3 +146,42 @@ def app(config):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def live_server(servers, template_database, test_home):
+    """The API under gunicorn (its production settings) on its own database."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from payflow.runner import CHECKOUT
+
+    url = create_database(servers, template_database)
+    port = embedded.free_port()
+    environ = {**os.environ, "PAYFLOW_DATABASE_URL": url, "PAYFLOW_REDIS_URL": servers["redis"],
+               "PAYFLOW_PORT": str(port), "PAYFLOW_REDIS_KEY_PREFIX": "live",
+               "PAYFLOW_AUDIT_MAX_AGE_MS": "0", "PAYFLOW_ACCESS_LOG": ""}
+    log_file = open(test_home / "gunicorn.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", str(CHECKOUT / "gunicorn.conf.py"),
+         "payflow.app:create_app()"],
+        env=environ, cwd=CHECKOUT, stdout=log_file, stderr=subprocess.STDOUT,
+        preexec_fn=embedded.set_parent_death_signal,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(base + "/ready", timeout=1).read()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((test_home / "gunicorn.log").read_text()) from None
+            time.sleep(0.1)
+    yield {"base_url": base, "database_url": url, "process": process}
+    process.terminate()
+    process.wait(timeout=40)
+    log_file.close()
+    drop_database(servers, url)

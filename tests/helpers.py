@@ -83,3 +83,34 @@ def table_counts(db: psycopg.Connection) -> dict[str, int]:
         row = db.execute(f"SELECT count(*) AS n FROM {table}").fetchone()
         counts[table] = row["n"] if isinstance(row, dict) else row[0]
     return counts
+
+
+class HttpClient:
+    """A keep-alive HTTP/1.1 client for one thread, against a live server."""
+
+    def __init__(self, base_url: str, timeout_seconds: float = 30) -> None:
+        import http.client
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(base_url)
+        self._connection = http.client.HTTPConnection(parts.hostname, parts.port,
+                                                      timeout=timeout_seconds)
+
+    def request(self, method: str, path: str, body: dict | None = None,
+                headers: dict | None = None) -> tuple[int, dict, dict | None]:
+        payload = json.dumps(body) if body is not None else None
+        all_headers = {**(JSON if body is not None else {}), **(headers or {})}
+        self._connection.request(method, path, body=payload, headers=all_headers)
+        response = self._connection.getresponse()
+        raw = response.read()
+        parsed = json.loads(raw) if raw else None
+        return response.status, dict(response.getheaders()), parsed
+
+    def transfer(self, source: str, destination: str, amount: int, key: str | None = None):
+        return self.request("POST", "/v1/transfers",
+                            {"from_account_id": source, "to_account_id": destination,
+                             "amount": amount},
+                            {"X-Idempotency-Key": key or new_key()})
+
+    def close(self) -> None:
+        self._connection.close()
