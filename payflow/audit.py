@@ -27,12 +27,10 @@ def health(config: Config, pool: psycopg_pool.ConnectionPool) -> HealthReport:
                 "batch_size": config.audit_batch_entries_max,
                 "max_age_ms": config.audit_max_age_ms,
             }).fetchone()
-    except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
-        return HealthReport(False, {
-            "status": "unhealthy", "reason": f"database unreachable: {type(error).__name__}",
-            "ledger_integrity_sum": None, "audited_at": None, "audited_through_entry_id": None,
-            "problems": [],
-        })
+    except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as error:
+        return _unhealthy(f"database unreachable: {type(error).__name__}")
+    except psycopg.Error as error:
+        return _unhealthy(f"audit did not complete: {type(error).__name__}")
     problems = row["problems"]
     healthy = row["entries_sum"] == 0 and not problems
     body = {
@@ -46,6 +44,13 @@ def health(config: Config, pool: psycopg_pool.ConnectionPool) -> HealthReport:
         body["reason"] = ", ".join(sorted({problem["code"] for problem in problems})) \
             or "entries do not sum to zero"
     return HealthReport(healthy, body)
+
+
+def _unhealthy(reason: str) -> HealthReport:
+    return HealthReport(False, {
+        "status": "unhealthy", "reason": reason, "ledger_integrity_sum": None,
+        "audited_at": None, "audited_through_entry_id": None, "problems": [],
+    })
 
 
 def _rfc3339(moment) -> str | None:

@@ -1,0 +1,130 @@
+"""/health reports the incremental audit; /ready says whether we can serve."""
+
+from __future__ import annotations
+
+import pytest
+
+from payflow import embedded, migrations
+from payflow.app import create_app
+from payflow.schemas import HealthSchema, ReadySchema
+from tests.conftest import make_config
+from tests.helpers import Api, assert_error, assert_schema, create_system_account, new_key
+
+
+def _health(client):
+    response = client.get("/health")
+    assert_schema(response.get_json(), HealthSchema)
+    return response
+
+
+def test_healthy_on_a_clean_ledger(client):
+    response = _health(client)
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["status"] == "healthy" and body["ledger_integrity_sum"] == 0
+    assert body["audited_at"] and body["problems"] == []
+
+
+def test_audit_catches_up_with_new_entries(client, db):
+    api = Api(client)
+    world, alice = create_system_account(db), api.create_account()
+    for amount in (5, 6, 7):
+        api.ok_transfer(world, alice, amount)
+    # A step records a horizon, the next one audits up to it.
+    _health(client)
+    body = _health(client).get_json()
+    assert body["audited_through_entry_id"] == 6
+    assert body["status"] == "healthy" and body["ledger_integrity_sum"] == 0
+
+
+def test_tampered_balance_is_503_with_the_reason(client, db):
+    api = Api(client)
+    world, alice = create_system_account(db), api.create_account()
+    api.ok_transfer(world, alice, 100)
+    assert _health(client).status_code == 200
+    db.execute("UPDATE accounts SET balance = balance + 1 WHERE id = %s", (alice,))
+    response = _health(client)
+    assert response.status_code == 503
+    body = response.get_json()
+    assert body["status"] == "unhealthy" and "balances_unbalanced" in body["reason"]
+
+
+def test_a_broken_entry_chain_is_503_and_stays_reported(client, db):
+    """An entry whose balance_after does not continue its account's chain
+    (written around the posting function, by hand) is found by the audit."""
+    api = Api(client)
+    world, alice, bob = create_system_account(db), api.create_account(), api.create_account()
+    api.ok_transfer(world, alice, 100)
+    _health(client)
+    transfer = api.ok_transfer(alice, bob, 10)
+    db.execute("ALTER TABLE entries DISABLE TRIGGER entries_immutable")
+    db.execute("UPDATE entries SET balance_after = balance_after + 1 WHERE transfer_id = %s "
+               "AND amount > 0", (transfer["id"],))
+    db.execute("ALTER TABLE entries ENABLE TRIGGER entries_immutable")
+    _health(client)
+    body = _health(client).get_json()
+    assert body["status"] == "unhealthy"
+    assert [p["account_id"] for p in body["problems"] if p["code"] == "entry_chain_broken"] == [bob]
+
+
+def test_the_audit_never_passes_an_uncommitted_entry(client, db, database_url):
+    """bigserial ids commit out of order: an entry id taken by a transaction
+    still running must not be skipped when a later id commits first."""
+    import psycopg
+
+    api = Api(client)
+    world, alice, bob, carol = (create_system_account(db), api.create_account(),
+                                api.create_account(), api.create_account())
+    api.ok_transfer(world, alice, 1_000)
+    slow = psycopg.connect(database_url)
+    slow.execute("SELECT payflow_post_transfer_v1('default', %s, %s, 60, 'transfer', %s, %s, 7,"
+                 " NULL, NULL, NULL)", (new_key(), "0" * 64, alice, bob))  # not committed yet
+    api.ok_transfer(world, carol, 5)  # takes a later id, commits first
+    for _ in range(3):
+        _health(client)
+    slow.commit()
+    slow.close()
+    # Had the audit skipped the slow entries, alice's and bob's next entries
+    # would not continue their audited chains.
+    api.ok_transfer(alice, bob, 1)
+    for _ in range(3):
+        body = _health(client).get_json()
+    assert body["status"] == "healthy", body
+    assert body["audited_through_entry_id"] == 8
+
+
+@pytest.fixture
+def doomed_database(test_home):
+    """A PostgreSQL of its own, so the test may stop it."""
+    server = embedded.EmbeddedPostgres(test_home / f"doomed-{new_key()}" / "data", durable=False)
+    (server.data_dir.parent).mkdir(parents=True)
+    embedded.RunAs.for_current_user().chown(server.data_dir.parent)
+    server.start()
+    migrations.migrate(server.url)
+    yield server
+    server.stop()
+
+
+def test_database_down_is_503_everywhere(doomed_database, servers):
+    app = create_app(make_config(doomed_database.url, servers["redis"], pool_wait_timeout_seconds=0.5))
+    client = app.test_client()
+    assert client.get("/ready").status_code == 200
+    account = Api(client).create_account()
+    doomed_database.stop()
+    try:
+        health = _health(client)
+        assert health.status_code == 503 and "database unreachable" in health.get_json()["reason"]
+        ready = client.get("/ready")
+        assert ready.status_code == 503
+        assert_schema(ready.get_json(), ReadySchema)
+        response = Api(client).transfer(account, account + "0", 5)
+        assert response.status_code == 422  # validation still answers without the database
+        response = client.get(f"/v1/accounts/{account}")
+        assert_error(response, 503, "unavailable")
+        assert response.headers["Retry-After"]
+        response = client.post("/v1/transfers", json={
+            "from_account_id": account, "to_account_id": "00000000-0000-0000-0000-000000000001",
+            "amount": 5}, headers={"X-Idempotency-Key": new_key()})
+        assert_error(response, 503, "unavailable")
+    finally:
+        app.extensions["payflow"].close()
