@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import importlib.util
 import json
@@ -67,13 +68,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def set_parent_death_signal() -> None:
-    """Runs in the child between fork and exec: die with the parent.
-
-    This is what guarantees no orphaned server even if the runner is SIGKILLed.
-    """
+def set_parent_death_signal(death_signal: int = signal.SIGTERM) -> None:
+    """Runs in the child between fork and exec (after the switch of user): the
+    kernel sends `death_signal` when the parent dies, so no server is orphaned
+    even if the runner is SIGKILLed."""
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, death_signal)
 
 
 @dataclass(frozen=True)
@@ -209,8 +209,9 @@ class EmbeddedPostgres:
         self.run_as.chown(Path(log_file.name))
         self.process = subprocess.Popen(
             args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=set_parent_death_signal, start_new_session=True,
-            **self.run_as.popen_kwargs(),
+            # SIGINT is PostgreSQL's fast shutdown: it does not wait for clients.
+            preexec_fn=functools.partial(set_parent_death_signal, signal.SIGINT),
+            start_new_session=True, **self.run_as.popen_kwargs(),
         )
         log_file.close()
         self._wait_ready(bin_dir)

@@ -11,14 +11,17 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from payflow import embedded
 
 CHECKOUT = Path(__file__).resolve().parent.parent
+GUNICORN_START_TIMEOUT_SECONDS = 60
 GUNICORN_STOP_TIMEOUT_SECONDS = 40
 
 
@@ -72,6 +75,8 @@ def run_service(seed_demo: bool = True) -> int:
             preexec_fn=embedded.set_parent_death_signal,
         )
         try:
+            if not _wait_listening(gunicorn, config.host, config.port):
+                return gunicorn.wait()
             _print_welcome(config, database_url, accounts)
             return gunicorn.wait()
         except KeyboardInterrupt:
@@ -79,6 +84,17 @@ def run_service(seed_demo: bool = True) -> int:
             return 0
         finally:
             _stop_gracefully(gunicorn)
+
+
+def _wait_listening(process: subprocess.Popen, host: str, port: int) -> bool:
+    """True once the API accepts connections (the printed curl commands work
+    at once); False if gunicorn exited instead."""
+    deadline = time.monotonic() + GUNICORN_START_TIMEOUT_SECONDS
+    while process.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+            return True
+        time.sleep(0.05)
+    return process.poll() is None
 
 
 def _stop_gracefully(process: subprocess.Popen) -> None:

@@ -1,0 +1,5 @@
+"""python -m payflow: the payflow command."""
+
+from payflow.cli import main
+
+main()
