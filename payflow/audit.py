@@ -4,7 +4,7 @@ one behind `payflow audit` that names every offending account."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import timezone
+from datetime import UTC
 
 import psycopg
 import psycopg_pool
@@ -55,7 +55,7 @@ def _unhealthy(reason: str) -> HealthReport:
 
 def _rfc3339(moment) -> str | None:
     # The same form as every other timestamp of the API (payflow_timestamp_json).
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if moment else None
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if moment else None
 
 
 @dataclass

@@ -7,6 +7,7 @@ import uuid
 
 import psycopg
 from marshmallow import Schema
+from psycopg import sql
 
 from payflow.audit import full_audit
 from payflow.schemas import AccountSchema, ApiErrorSchema, TransferSchema
@@ -80,7 +81,7 @@ def assert_ledger_consistent(database_url: str) -> None:
 def table_counts(db: psycopg.Connection) -> dict[str, int]:
     counts = {}
     for table in ("accounts", "transfers", "entries", "outbox", "idempotency_keys"):
-        row = db.execute(f"SELECT count(*) AS n FROM {table}").fetchone()
+        row = db.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(sql.Identifier(table))).fetchone()
         counts[table] = row["n"] if isinstance(row, dict) else row[0]
     return counts
 

@@ -11,8 +11,16 @@ import pytest
 from payflow import embedded
 from payflow.app import create_app
 from tests.conftest import make_config
-from tests.helpers import JSON, Api, HttpClient, assert_error, assert_ledger_consistent, \
-    create_system_account, new_key, table_counts
+from tests.helpers import (
+    JSON,
+    Api,
+    HttpClient,
+    assert_error,
+    assert_ledger_consistent,
+    create_system_account,
+    new_key,
+    table_counts,
+)
 
 
 @pytest.fixture

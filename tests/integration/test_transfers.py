@@ -6,8 +6,15 @@ import psycopg
 import pytest
 
 from payflow.schemas import AccountSchema, EntriesPageSchema, TransferSchema
-from tests.helpers import JSON, Api, assert_error, assert_ledger_consistent, assert_schema, \
-    create_system_account, new_key
+from tests.helpers import (
+    JSON,
+    Api,
+    assert_error,
+    assert_ledger_consistent,
+    assert_schema,
+    create_system_account,
+    new_key,
+)
 
 
 @pytest.fixture
