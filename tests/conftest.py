@@ -148,40 +148,56 @@ def client(app):
     return app.test_client()
 
 
+class Gunicorn:
+    """The API under gunicorn with its production settings, as a subprocess."""
+
+    def __init__(self, database_url: str, redis_url: str, log_path: Path, **environment: str) -> None:
+        import subprocess
+        import sys
+
+        from payflow.runner import CHECKOUT
+
+        self.port = embedded.free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        environ = {**os.environ, "PAYFLOW_DATABASE_URL": database_url, "PAYFLOW_REDIS_URL": redis_url,
+                   "PAYFLOW_PORT": str(self.port), "PAYFLOW_REDIS_KEY_PREFIX": uuid.uuid4().hex,
+                   "PAYFLOW_AUDIT_MAX_AGE_MS": "0", "PAYFLOW_ACCESS_LOG": "", **environment}
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(CHECKOUT / "gunicorn.conf.py"),
+             "payflow.app:create_app()"],
+            env=environ, cwd=CHECKOUT, stdout=self._log, stderr=subprocess.STDOUT,
+            preexec_fn=embedded.set_parent_death_signal,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.base_url + "/ready", timeout=1).read()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(self.log_path.read_text()) from None
+                time.sleep(0.1)
+
+    def stop(self) -> int:
+        self.process.terminate()
+        code = self.process.wait(timeout=40)
+        self._log.close()
+        return code
+
+
 @pytest.fixture(scope="session")
 def live_server(servers, template_database, test_home):
-    """The API under gunicorn (its production settings) on its own database."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    from payflow.runner import CHECKOUT
-
+    """One gunicorn for the session, on its own database."""
     url = create_database(servers, template_database)
-    port = embedded.free_port()
-    environ = {**os.environ, "PAYFLOW_DATABASE_URL": url, "PAYFLOW_REDIS_URL": servers["redis"],
-               "PAYFLOW_PORT": str(port), "PAYFLOW_REDIS_KEY_PREFIX": "live",
-               "PAYFLOW_AUDIT_MAX_AGE_MS": "0", "PAYFLOW_ACCESS_LOG": ""}
-    log_file = open(test_home / "gunicorn.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", str(CHECKOUT / "gunicorn.conf.py"),
-         "payflow.app:create_app()"],
-        env=environ, cwd=CHECKOUT, stdout=log_file, stderr=subprocess.STDOUT,
-        preexec_fn=embedded.set_parent_death_signal,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(base + "/ready", timeout=1).read()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((test_home / "gunicorn.log").read_text()) from None
-            time.sleep(0.1)
-    yield {"base_url": base, "database_url": url, "process": process}
-    process.terminate()
-    process.wait(timeout=40)
-    log_file.close()
+    server = Gunicorn(url, servers["redis"], test_home / "gunicorn.log")
+    yield {"base_url": server.base_url, "database_url": url, "process": server.process}
+    server.stop()
     drop_database(servers, url)
