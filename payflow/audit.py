@@ -25,19 +25,27 @@ def health(config: Config, pool: psycopg_pool.ConnectionPool) -> HealthReport:
         with pool.connection() as conn:
             row = conn.execute(queries["audit_status"], {
                 "batch_size": config.audit_batch_entries_max,
+                "accounts_per_step": config.audit_accounts_per_step,
                 "max_age_ms": config.audit_max_age_ms,
             }).fetchone()
-    except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as error:
+    except psycopg_pool.PoolTimeout:
+        return _unhealthy("database busy: no pooled connection was free")
+    except psycopg.OperationalError as error:
         return _unhealthy(f"database unreachable: {type(error).__name__}")
     except psycopg.Error as error:
         return _unhealthy(f"audit did not complete: {type(error).__name__}")
-    problems = row["problems"]
+    problems = list(row["problems"])
+    horizon_age = row["horizon_age_seconds"]
+    if horizon_age is not None and horizon_age > config.audit_stall_seconds_max:
+        problems.append({"code": "audit_stalled", "horizon_age_seconds": round(horizon_age, 3),
+                         "unaudited_entries": row["unaudited_entries"]})
     healthy = row["entries_sum"] == 0 and not problems
     body = {
         "status": "healthy" if healthy else "unhealthy",
         "ledger_integrity_sum": int(row["entries_sum"]),
         "audited_at": _rfc3339(row["audited_at"]),
         "audited_through_entry_id": row["checkpoint_entry_id"],
+        "unaudited_entries": row["unaudited_entries"],
         "problems": problems,
     }
     if not healthy:
@@ -49,7 +57,8 @@ def health(config: Config, pool: psycopg_pool.ConnectionPool) -> HealthReport:
 def _unhealthy(reason: str) -> HealthReport:
     return HealthReport(False, {
         "status": "unhealthy", "reason": reason, "ledger_integrity_sum": None,
-        "audited_at": None, "audited_through_entry_id": None, "problems": [],
+        "audited_at": None, "audited_through_entry_id": None, "unaudited_entries": None,
+        "problems": [],
     })
 
 
@@ -68,6 +77,12 @@ class FullAudit:
     def ok(self) -> bool:
         return (all(row["entries_sum"] == 0 for row in self.currency_sums)
                 and not self.balance_mismatches and not self.broken_chains)
+
+
+def rebuild(database_url: str) -> None:
+    """Start the incremental audit over from the first entry."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(queries["audit_rebuild"])
 
 
 def full_audit(database_url: str) -> FullAudit:

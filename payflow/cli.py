@@ -94,13 +94,18 @@ def serve() -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def audit(as_json: bool) -> None:
+@click.option("--rebuild", is_flag=True,
+              help="Then, if the ledger is sound, start /health's incremental audit over "
+                   "(clears the problems it reported).")
+def audit(as_json: bool, rebuild: bool) -> None:
     """Full audit: entries sum to zero per currency; every balance equals its
     entries; every entry continues its account's chain. Exit 1 on any problem."""
-    from payflow.audit import full_audit
+    from payflow import audit as auditing
 
     with runner.server_environment(need_redis=False) as environ:
-        report = full_audit(environ["PAYFLOW_DATABASE_URL"])
+        report = auditing.full_audit(environ["PAYFLOW_DATABASE_URL"])
+        if rebuild and report.ok:
+            auditing.rebuild(environ["PAYFLOW_DATABASE_URL"])
     if as_json:
         click.echo(json.dumps(report.__dict__ | {"ok": report.ok}, default=str, indent=2))
     else:

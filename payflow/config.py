@@ -48,6 +48,11 @@ class Config:
     # Audit behind /health.
     audit_max_age_ms: int = 1000
     audit_batch_entries_max: int = 200_000
+    # Accounts checked against their latest entry per step (the check rotates).
+    audit_accounts_per_step: int = 10_000
+    # A horizon still unsettled after this long (a transaction held open
+    # somewhere) makes /health unhealthy: the audit is no longer current.
+    audit_stall_seconds_max: float = 60.0
 
     @classmethod
     def load(cls, overrides: Mapping | None = None, environ: Mapping | None = None) -> Config:

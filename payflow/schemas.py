@@ -173,6 +173,8 @@ class HealthSchema(Schema):
     ledger_integrity_sum = fields.Integer(required=True, allow_none=True)
     audited_at = fields.DateTime(required=True, allow_none=True)
     audited_through_entry_id = fields.Integer(required=True, allow_none=True)
+    unaudited_entries = fields.Integer(required=True, allow_none=True,
+                                       metadata={"description": "Entries past the checkpoint"})
     problems = fields.List(fields.Dict(), required=True)
     reason = fields.String(load_default=None, allow_none=True)
 

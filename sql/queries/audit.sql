@@ -1,7 +1,11 @@
 -- name: audit_status
 -- The incremental audit behind /health, advanced when older than the max age.
-SELECT audited_at, checkpoint_entry_id, entries_sum, problems
-  FROM payflow_audit_status_v1(%(batch_size)s, %(max_age_ms)s);
+SELECT audited_at, checkpoint_entry_id, unaudited_entries, horizon_age_seconds, entries_sum, problems
+  FROM payflow_audit_status_v1(%(batch_size)s, %(accounts_per_step)s, %(max_age_ms)s);
+
+-- name: audit_rebuild
+-- Starts the incremental audit over from the first entry.
+SELECT payflow_audit_rebuild_v1();
 
 -- name: audit_currency_sums
 -- Full audit: the sum of all entries per currency (must be 0).

@@ -49,6 +49,38 @@ def test_tampered_balance_is_503_with_the_reason(client, db):
     assert body["status"] == "unhealthy" and "balances_unbalanced" in body["reason"]
 
 
+def test_a_paired_hand_edit_of_balances_is_503_naming_both_accounts(client, db):
+    """The per-currency sum still is 0; the per-account check finds them."""
+    api = Api(client)
+    world, alice = create_system_account(db), api.create_account()
+    api.ok_transfer(world, alice, 100)
+    db.execute("UPDATE accounts SET balance = balance + 500 WHERE id = %s", (alice,))
+    db.execute("UPDATE accounts SET balance = balance - 500 WHERE id = %s", (world,))
+    body = _health(client).get_json()
+    assert body["status"] == "unhealthy" and "balance_disagrees_with_entries" in body["reason"]
+    assert sorted(p["account_id"] for p in body["problems"]) == sorted([alice, world])
+    db.execute("UPDATE accounts SET balance = balance - 500 WHERE id = %s", (alice,))
+    db.execute("UPDATE accounts SET balance = balance + 500 WHERE id = %s", (world,))
+    assert _health(client).status_code == 200  # the window re-checked them
+
+
+def test_the_balance_check_rotates_through_every_account(client, db, app):
+    api = Api(client)
+    world = create_system_account(db)
+    accounts = [api.create_account() for _ in range(5)]
+    for account in accounts:
+        api.ok_transfer(world, account, 10)
+    db.execute("UPDATE accounts SET balance = balance + 1 WHERE id = %s", (accounts[3],))
+    db.execute("UPDATE accounts SET balance = balance - 1 WHERE id = %s", (accounts[4],))
+    small = create_app(make_config(db.info.dsn, "", audit_accounts_per_step=2))
+    try:
+        bodies = [_health(small.test_client()).get_json() for _ in range(4)]
+    finally:
+        small.extensions["payflow"].close()
+    named = {p["account_id"] for body in bodies for p in body["problems"]}
+    assert named == {accounts[3], accounts[4]}
+
+
 def test_a_broken_entry_chain_is_503_and_stays_reported(client, db):
     """An entry whose balance_after does not continue its account's chain
     (written around the posting function, by hand) is found by the audit."""
@@ -65,6 +97,7 @@ def test_a_broken_entry_chain_is_503_and_stays_reported(client, db):
     body = _health(client).get_json()
     assert body["status"] == "unhealthy"
     assert [p["account_id"] for p in body["problems"] if p["code"] == "entry_chain_broken"] == [bob]
+    assert _health(client).status_code == 503  # until an operator rebuilds the audit
 
 
 def test_the_audit_never_passes_an_uncommitted_entry(client, db, database_url):
@@ -76,9 +109,13 @@ def test_the_audit_never_passes_an_uncommitted_entry(client, db, database_url):
     world, alice, bob, carol = (create_system_account(db), api.create_account(),
                                 api.create_account(), api.create_account())
     api.ok_transfer(world, alice, 1_000)
+    _health(client)
+    _health(client)
     slow = psycopg.connect(database_url)
     slow.execute("SELECT payflow_post_transfer_v1('default', %s, %s, 60, 'transfer', %s, %s, 7,"
                  " NULL, NULL, NULL)", (new_key(), "0" * 64, alice, bob))  # not committed yet
+    for _ in range(3):  # nothing else commits: the slow transaction is the newest
+        _health(client)
     api.ok_transfer(world, carol, 5)  # takes a later id, commits first
     for _ in range(3):
         _health(client)
