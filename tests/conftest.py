@@ -168,7 +168,7 @@ class Gunicorn:
             [sys.executable, "-m", "gunicorn", "-c", str(CHECKOUT / "gunicorn.conf.py"),
              "payflow.app:create_app()"],
             env=environ, cwd=CHECKOUT, stdout=self._log, stderr=subprocess.STDOUT,
-            preexec_fn=embedded.set_parent_death_signal,
+            preexec_fn=embedded.parent_death_signal(),
         )
         self._wait_ready()
 

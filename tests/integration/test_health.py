@@ -64,7 +64,7 @@ def test_a_paired_hand_edit_of_balances_is_503_naming_both_accounts(client, db):
     assert _health(client).status_code == 200  # the window re-checked them
 
 
-def test_the_balance_check_rotates_through_every_account(client, db, app):
+def test_the_balance_check_rotates_through_every_account(client, db, database_url):
     api = Api(client)
     world = create_system_account(db)
     accounts = [api.create_account() for _ in range(5)]
@@ -72,7 +72,7 @@ def test_the_balance_check_rotates_through_every_account(client, db, app):
         api.ok_transfer(world, account, 10)
     db.execute("UPDATE accounts SET balance = balance + 1 WHERE id = %s", (accounts[3],))
     db.execute("UPDATE accounts SET balance = balance - 1 WHERE id = %s", (accounts[4],))
-    small = create_app(make_config(db.info.dsn, "", audit_accounts_per_step=2))
+    small = create_app(make_config(database_url, "", audit_accounts_per_step=2))
     try:
         bodies = [_health(small.test_client()).get_json() for _ in range(4)]
     finally:
@@ -134,8 +134,6 @@ def test_the_audit_never_passes_an_uncommitted_entry(client, db, database_url):
 def doomed_database(test_home):
     """A PostgreSQL of its own, so the test may stop it."""
     server = embedded.EmbeddedPostgres(test_home / f"doomed-{new_key()}" / "data", durable=False)
-    (server.data_dir.parent).mkdir(parents=True)
-    embedded.RunAs.for_current_user().chown(server.data_dir.parent)
     server.start()
     migrations.migrate(server.url)
     yield server

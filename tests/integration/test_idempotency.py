@@ -215,7 +215,8 @@ def test_with_redis_stopped_everything_stays_correct(redis_down_app, db):
     assert ready.get_json() == {"status": "degraded", "database": "ok", "redis": "down"}
 
 
-def test_with_redis_stopped_concurrent_requests_with_one_key_execute_once(redis_down_app, db):
+def test_with_redis_stopped_concurrent_requests_with_one_key_execute_once(redis_down_app, db,
+                                                                          database_url):
     client = redis_down_app.test_client()
     api = Api(client)
     world = create_system_account(db)
@@ -235,4 +236,4 @@ def test_with_redis_stopped_concurrent_requests_with_one_key_execute_once(redis_
     for worker in workers:
         worker.join()
     results.append({"balance": api.balance(source)})
-    _assert_one_execution(results, {"database_url": db.info.dsn})
+    _assert_one_execution(results, {"database_url": database_url})
