@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test check lint db-shell seed migrate audit reset clean
+.PHONY: run test check lint worker db-shell seed migrate audit reset clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check payflow tests scripts gunicorn.conf.py
 
 check: lint test
+
+worker: $(STAMP)  ## one more outbox worker (start as many as you like)
+	$(BIN)/payflow worker
 
 db-shell: $(STAMP)
 	$(BIN)/payflow db shell

@@ -9,7 +9,7 @@ from flask import Flask
 from flask_smorest import Api
 
 from payflow import __version__
-from payflow.api import accounts, errors, health, transfers
+from payflow.api import accounts, errors, health, outbox, payouts, transfers, webhooks
 from payflow.api.services import Services
 from payflow.config import Config
 from payflow.db import create_pool
@@ -34,7 +34,7 @@ def create_app(config: Config | Mapping | None = None) -> Flask:
     )
     api = Api(app, spec_kwargs={"info": {"description": "A double-entry payment ledger. "
                                          "Money is an integer count of minor units."}})
-    for module in (accounts, transfers, health):
+    for module in (accounts, transfers, payouts, webhooks, outbox, health):
         api.register_blueprint(module.blueprint)
     errors.register(app)  # after Api(), which registers a handler of its own
 

@@ -93,6 +93,60 @@ def serve() -> None:
 
 
 @main.command()
+def worker() -> None:
+    """Run an outbox worker (payouts, webhooks) until SIGTERM; start as many as you like."""
+    from payflow.config import Config
+    from payflow.worker import run_worker
+
+    with runner.server_environment(need_redis=False) as environ:
+        run_worker(Config.load(environ=environ))
+
+
+@main.group()
+def outbox() -> None:
+    """The outbox task queue."""
+
+
+def _outbox_connection(environ):
+    import psycopg
+    from psycopg.rows import dict_row
+
+    return psycopg.connect(environ["PAYFLOW_DATABASE_URL"], autocommit=True, row_factory=dict_row)
+
+
+@outbox.command("stats")
+def outbox_stats() -> None:
+    """Counts by status and topic, oldest pending age, dead tasks."""
+    from payflow import outbox as queue
+
+    with runner.server_environment(need_redis=False) as environ, _outbox_connection(environ) as conn:
+        click.echo(json.dumps(queue.stats(conn), indent=2))
+
+
+@outbox.command("list")
+@click.option("--status", type=click.Choice(["pending", "running", "done", "dead"]), default="dead")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20)
+def outbox_list(status: str, limit: int) -> None:
+    """The newest tasks of one status (dead by default), with their last error."""
+    from payflow import outbox as queue
+
+    with runner.server_environment(need_redis=False) as environ, _outbox_connection(environ) as conn:
+        for task in queue.list_tasks(conn, status, limit):
+            click.echo(json.dumps(task, default=str))
+
+
+@outbox.command("retry-dead")
+@click.option("--id", "task_id", type=int, default=None, help="Only this task.")
+def outbox_retry_dead(task_id: int | None) -> None:
+    """Put dead tasks back in the queue, attempts reset."""
+    from payflow import outbox as queue
+
+    with runner.server_environment(need_redis=False) as environ, _outbox_connection(environ) as conn:
+        ids = queue.retry_dead(conn, task_id)
+    click.echo(f"{len(ids)} task(s) queued again: {ids}")
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--rebuild", is_flag=True,
               help="Then, if the ledger is sound, start /health's incremental audit over "

@@ -54,6 +54,30 @@ class Config:
     # somewhere) makes /health unhealthy: the audit is no longer current.
     audit_stall_seconds_max: float = 60.0
 
+    # Outbox workers.
+    worker_batch_size_max: int = 32
+    worker_lease_seconds: float = 30.0
+    worker_poll_interval_seconds: float = 1.0  # fallback when no NOTIFY arrives
+    worker_listen: bool = True  # False: poll only (PgBouncer in transaction mode)
+    worker_prune_interval_seconds: float = 60.0
+    worker_prune_batch_size: int = 10_000
+    outbox_attempts_max: int = 10
+    outbox_backoff_base_seconds: float = 1.0
+    outbox_backoff_cap_seconds: float = 300.0
+    outbox_retention_seconds: int = 7 * 24 * 3600
+
+    # Payout providers: simulated (default), http, noop.
+    payout_provider: str = "simulated"
+    simulated_latency_ms: int = 0
+    simulated_failure_rate: float = 0.0  # retryable failures
+    simulated_permanent_failure_rate: float = 0.0
+    simulated_fail_first_calls: int = 0  # retryable failures before the first success
+    simulated_seed: int = 0
+    payout_http_url: str = ""
+    payout_http_timeout_seconds: float = 10.0
+    webhook_timeout_seconds: float = 10.0
+    webhook_tolerance_seconds: int = 300
+
     @classmethod
     def load(cls, overrides: Mapping | None = None, environ: Mapping | None = None) -> Config:
         environ = os.environ if environ is None else environ

@@ -78,6 +78,12 @@ class TransferNotFound(ApiError):
     status, code = 404, "transfer_not_found"
 
 
+class PayoutNotFound(ApiError):
+    """No payout with this id."""
+
+    status, code = 404, "payout_not_found"
+
+
 class UnsupportedMediaType(ApiError):
     """Send the body as JSON, with Content-Type: application/json."""
 

@@ -63,6 +63,11 @@ class Ledger:
         }
         return self._idempotent("post_transfer", request, params)
 
+    def create_payout(self, request: IdempotentRequest, payout: dict) -> Outcome:
+        params = {"account_id": payout["account_id"], "amount": payout["amount"],
+                  "currency": payout.get("currency"), "destination": Jsonb(payout["destination"])}
+        return self._idempotent("create_payout", request, params)
+
     def _idempotent(self, query_name: str, request: IdempotentRequest, params: dict) -> Outcome:
         scope = self._config.idempotency_scope
         params = {**params, "scope": scope, "key": request.key, "fingerprint": request.fingerprint,
@@ -124,6 +129,9 @@ class Ledger:
 
     def transfer(self, transfer_id: str) -> str:
         return self._body("transfer_json", transfer_id, errors.TransferNotFound)
+
+    def payout(self, payout_id: str) -> str:
+        return self._body("payout_json", payout_id, errors.PayoutNotFound)
 
     def _body(self, query_name: str, raw_id: str, not_found: Callable[[], errors.ApiError]) -> str:
         resource_id = parse_uuid(raw_id)

@@ -54,7 +54,8 @@ def server_environment(need_redis: bool = True) -> Iterator[dict[str, str]]:
 
 
 def run_service(seed_demo: bool = True) -> int:
-    """`make run`: servers, migrations, demo data, then gunicorn until Ctrl-C/SIGTERM."""
+    """`make run`: servers, migrations, demo data, then gunicorn and one outbox
+    worker until Ctrl-C/SIGTERM."""
     from payflow import migrations, seed
     from payflow.config import Config
 
@@ -71,14 +72,9 @@ def run_service(seed_demo: bool = True) -> int:
         migrations.migrate(database_url)
         accounts = seed.seed(Config.load(environ=environ)) if seed_demo else []
         config = Config.load(environ=environ)
-        gunicorn = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(CHECKOUT / "gunicorn.conf.py"),
-             "payflow.app:create_app()"],
-            env=environ, cwd=CHECKOUT,
-            # Its own session: Ctrl-C reaches us only, and we stop it gracefully.
-            start_new_session=True,
-            preexec_fn=embedded.parent_death_signal(),
-        )
+        gunicorn = _child([sys.executable, "-m", "gunicorn", "-c", str(CHECKOUT / "gunicorn.conf.py"),
+                           "payflow.app:create_app()"], environ)
+        worker = _child([sys.executable, "-m", "payflow", "worker"], environ)
         try:
             if not _wait_listening(gunicorn, config.host, config.port):
                 return gunicorn.wait()
@@ -88,7 +84,17 @@ def run_service(seed_demo: bool = True) -> int:
             print("\nstopping payflow (in-flight requests finish first)...", file=sys.stderr)
             return 0
         finally:
+            _stop_gracefully(worker)
             _stop_gracefully(gunicorn)
+
+
+def _child(command: list[str], environ: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        command, env=environ, cwd=CHECKOUT,
+        # Its own session: Ctrl-C reaches us only, and we stop it gracefully.
+        start_new_session=True,
+        preexec_fn=embedded.parent_death_signal(),
+    )
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -114,7 +120,7 @@ def _wait_listening(process: subprocess.Popen, host: str, port: int) -> bool:
 
 def _stop_gracefully(process: subprocess.Popen) -> None:
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)  # gunicorn: graceful shutdown
+        process.send_signal(signal.SIGTERM)  # graceful: in-flight work finishes
         try:
             process.wait(timeout=GUNICORN_STOP_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired:

@@ -136,6 +136,66 @@ class TransferSchema(Schema):
     created_at = fields.DateTime(required=True)
 
 
+class PayoutCreateSchema(Schema):
+    account_id = fields.UUID(required=True)
+    amount = amount_field(required=True)
+    currency = currency_field(load_default=None)
+    destination = fields.Dict(
+        required=True, keys=Text(validate=validate.Length(min=1, max=METADATA_KEY_CHARS_MAX)),
+        values=Text(validate=validate.Length(max=METADATA_VALUE_CHARS_MAX)),
+        validate=validate.Length(min=1, max=20),
+        metadata={"description": "Where the money goes, e.g. {\"iban\": \"...\"}; string values"})
+
+
+class PayoutSchema(Schema):
+    id = fields.UUID(required=True)
+    object = fields.String(required=True, validate=validate.Equal("payout"))
+    account_id = fields.UUID(required=True)
+    amount = fields.Integer(required=True)
+    currency = fields.String(required=True)
+    destination = fields.Dict(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(
+        ["pending", "processing", "succeeded", "failed"]))
+    failure_reason = fields.String(required=True, allow_none=True)
+    attempts = fields.Integer(required=True)
+    provider_reference = fields.String(required=True, allow_none=True)
+    transfer_id = fields.UUID(required=True)
+    reversal_transfer_id = fields.UUID(required=True, allow_none=True)
+    created_at = fields.DateTime(required=True)
+    updated_at = fields.DateTime(required=True)
+
+
+WEBHOOK_EVENT_TYPES = ("transfer.posted", "payout.succeeded", "payout.failed")
+
+
+class WebhookEndpointCreateSchema(Schema):
+    url = fields.Url(required=True, schemes={"http", "https"}, require_tld=False,
+                     validate=validate.Length(max=2000))
+    event_types = fields.List(fields.String(validate=validate.OneOf(WEBHOOK_EVENT_TYPES)),
+                              required=True, validate=validate.Length(min=1, max=len(WEBHOOK_EVENT_TYPES)))
+
+
+class WebhookEndpointSchema(Schema):
+    id = fields.UUID(required=True)
+    object = fields.String(required=True, validate=validate.Equal("webhook_endpoint"))
+    url = fields.String(required=True)
+    event_types = fields.List(fields.String(), required=True)
+    enabled = fields.Boolean(required=True)
+    created_at = fields.DateTime(required=True)
+    secret = fields.String(metadata={"description": "whsec_...; returned once, at creation"})
+
+
+class WebhookEndpointListSchema(Schema):
+    data = fields.List(fields.Nested(WebhookEndpointSchema), required=True)
+
+
+class OutboxStatsSchema(Schema):
+    by_status = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
+    by_topic = fields.Dict(keys=fields.String(), values=fields.Dict(), required=True)
+    oldest_pending_age_seconds = fields.Float(required=True, allow_none=True)
+    dead = fields.Integer(required=True)
+
+
 class EntrySchema(Schema):
     id = fields.String(required=True, metadata={"description": "Increasing within an account"})
     object = fields.String(required=True, validate=validate.Equal("entry"))

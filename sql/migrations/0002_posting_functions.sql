@@ -169,30 +169,21 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- One transfer, one transaction, one round trip: idempotency check, accounts
--- locked in id order, business checks, transfer + two entries + balances +
--- outbox task, and the response stored for replay.
-CREATE FUNCTION payflow_post_transfer_v1(
-    p_scope text, p_key text, p_fingerprint text, p_ttl_seconds integer,
+-- The heart of every money movement, inside the caller's transaction: locks
+-- both accounts in ascending id order (to prevent deadlocks between opposite
+-- transfers, A->B and B->A), checks them, and writes the transfer, its two
+-- entries (balance_after, version) and the new balances. Returns the refusal
+-- ({status, body}) when it may not go ahead, else the posted transfer.
+CREATE FUNCTION payflow_post_v1(
     p_kind text, p_from uuid, p_to uuid, p_amount bigint, p_currency text,
-    p_description text, p_metadata jsonb,
-    OUT outcome text, OUT status integer, OUT body text)
+    p_description text, p_metadata jsonb, p_reverses uuid,
+    OUT refusal jsonb, OUT posted transfers)
 LANGUAGE plpgsql AS $$
 DECLARE
     locked accounts;
     source accounts;
     destination accounts;
-    refusal jsonb;
-    posted transfers;
 BEGIN
-    SELECT b.outcome, b.status, b.body INTO outcome, status, body
-      FROM payflow_idempotency_begin_v1(p_scope, p_key, p_fingerprint) b;
-    IF outcome <> 'new' THEN
-        RETURN;
-    END IF;
-
-    -- Lock both accounts in ascending id order, to prevent deadlocks between
-    -- opposite transfers (A->B and B->A).
     FOR locked IN SELECT * FROM accounts WHERE id IN (p_from, p_to) ORDER BY id FOR UPDATE LOOP
         IF locked.id = p_from THEN
             source := locked;
@@ -203,34 +194,58 @@ BEGIN
 
     refusal := payflow_transfer_refusal_v1(source, destination, p_from, p_to, p_amount, p_currency);
     IF refusal IS NOT NULL THEN
+        RETURN;
+    END IF;
+
+    INSERT INTO transfers (kind, from_account_id, to_account_id, amount, currency,
+                           description, metadata, reverses_transfer_id)
+    VALUES (p_kind, p_from, p_to, p_amount, source.currency, p_description,
+            coalesce(p_metadata, '{}'), p_reverses)
+    RETURNING * INTO posted;
+
+    UPDATE accounts SET balance = balance - p_amount, version = version + 1
+     WHERE id = p_from RETURNING * INTO source;
+    UPDATE accounts SET balance = balance + p_amount, version = version + 1
+     WHERE id = p_to RETURNING * INTO destination;
+
+    -- Inserted after the rows above gave this transaction its xid: the
+    -- incremental audit relies on entry ids being taken by transactions that
+    -- already have one (see payflow_audit_advance_v1).
+    INSERT INTO entries (transfer_id, account_id, amount, balance_after, account_version)
+    VALUES (posted.id, p_from, -p_amount, source.balance, source.version),
+           (posted.id, p_to, p_amount, destination.balance, destination.version);
+END $$;
+
+-- One transfer, one transaction, one round trip: idempotency check, the
+-- posting, an outbox task (transfer.posted), and the response stored for replay.
+CREATE FUNCTION payflow_post_transfer_v1(
+    p_scope text, p_key text, p_fingerprint text, p_ttl_seconds integer,
+    p_kind text, p_from uuid, p_to uuid, p_amount bigint, p_currency text,
+    p_description text, p_metadata jsonb,
+    OUT outcome text, OUT status integer, OUT body text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    result record;
+BEGIN
+    SELECT b.outcome, b.status, b.body INTO outcome, status, body
+      FROM payflow_idempotency_begin_v1(p_scope, p_key, p_fingerprint) b;
+    IF outcome <> 'new' THEN
+        RETURN;
+    END IF;
+
+    SELECT * INTO result
+      FROM payflow_post_v1(p_kind, p_from, p_to, p_amount, p_currency, p_description,
+                           p_metadata, NULL);
+    IF result.refusal IS NOT NULL THEN
         outcome := 'refused';
-        status := (refusal ->> 'status')::integer;
-        body := (refusal -> 'body')::text;
+        status := (result.refusal ->> 'status')::integer;
+        body := (result.refusal -> 'body')::text;
     ELSE
-        INSERT INTO transfers (kind, from_account_id, to_account_id, amount, currency,
-                               description, metadata)
-        VALUES (p_kind, p_from, p_to, p_amount, source.currency, p_description,
-                coalesce(p_metadata, '{}'))
-        RETURNING * INTO posted;
-
-        UPDATE accounts SET balance = balance - p_amount, version = version + 1
-         WHERE id = p_from RETURNING * INTO source;
-        UPDATE accounts SET balance = balance + p_amount, version = version + 1
-         WHERE id = p_to RETURNING * INTO destination;
-
-        -- Inserted after the rows above gave this transaction its xid: the
-        -- incremental audit relies on entry ids being taken by transactions
-        -- that already have one (see payflow_audit_step_v1).
-        INSERT INTO entries (transfer_id, account_id, amount, balance_after, account_version)
-        VALUES (posted.id, p_from, -p_amount, source.balance, source.version),
-               (posted.id, p_to, p_amount, destination.balance, destination.version);
-
         INSERT INTO outbox (topic, payload)
-        VALUES ('transfer.posted', jsonb_build_object('transfer_id', posted.id));
-
+        VALUES ('transfer.posted', jsonb_build_object('transfer_id', (result.posted).id));
         outcome := 'created';
         status := 201;
-        body := payflow_transfer_json(posted)::text;
+        body := payflow_transfer_json(result.posted)::text;
     END IF;
     PERFORM payflow_idempotency_finish_v1(p_scope, p_key, p_fingerprint, status, body, p_ttl_seconds);
 END $$;

@@ -1,0 +1,38 @@
+"""/v1/payouts"""
+
+from __future__ import annotations
+
+import json
+
+from flask import Response
+from flask_smorest import Blueprint
+
+from payflow import schemas
+from payflow.api.requests import json_body, json_text_response, outcome_response
+from payflow.api.services import services
+
+blueprint = Blueprint("payouts", __name__, url_prefix="/v1/payouts",
+                      description="Money out of the ledger, through a clearing account and a provider.")
+
+
+@blueprint.route("", methods=["POST"])
+@blueprint.response(202, schemas.PayoutSchema)
+@blueprint.alt_response(404, schema=schemas.ApiErrorSchema, description="account_not_found")
+@blueprint.alt_response(409, schema=schemas.ApiErrorSchema, description="idempotency_key_in_use")
+@blueprint.alt_response(422, schema=schemas.ApiErrorSchema,
+                        description="validation_error, insufficient_funds, currency_mismatch")
+@json_body(blueprint, schemas.PayoutCreateSchema, idempotency_key="required")
+def create_payout(body, idempotent_request) -> Response:
+    """Accepted at once: the money is held in the clearing account and a worker pays it out."""
+    response = outcome_response(services().ledger.create_payout(idempotent_request, body))
+    if response.status_code == 202:
+        response.headers["Location"] = f"/v1/payouts/{json.loads(response.get_data())['id']}"
+    return response
+
+
+@blueprint.route("/<payout_id>", methods=["GET"])
+@blueprint.response(200, schemas.PayoutSchema)
+@blueprint.alt_response(404, schema=schemas.ApiErrorSchema, description="No such payout")
+def get_payout(payout_id: str) -> Response:
+    """pending → processing → succeeded | failed (with failure_reason; the money is returned)."""
+    return json_text_response(services().ledger.payout(payout_id))

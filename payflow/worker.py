@@ -1,0 +1,259 @@
+"""The outbox worker: claims tasks with FOR UPDATE SKIP LOCKED and a lease,
+runs each effect outside any transaction, then ends the task in a new
+transaction that checks the task is still ours.
+
+Run any number of them (`payflow worker`), on any number of hosts. A crashed
+worker's tasks come back when their lease expires; a stopping one (SIGTERM)
+finishes the task at hand and hands the rest of its batch back. Delivery is at
+least once, so every effect carries an idempotency key derived from the task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import psycopg_pool
+
+from payflow import webhooks
+from payflow.config import Config
+from payflow.db import connection_options
+from payflow.providers import PayoutProvider, PayoutRequest, create_provider
+from payflow.queries import queries
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "payflow_outbox"
+EVENT_TOPICS = frozenset({"transfer.posted", "payout.succeeded", "payout.failed"})
+ERROR_PAUSE_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Task:
+    id: int
+    topic: str
+    payload: dict
+    attempts: int
+
+    @property
+    def idempotency_key(self) -> str:
+        """The key every effect of this task carries, the same on every retry."""
+        return f"payflow-task-{self.id}"
+
+
+class Retry(Exception):
+    """The effect failed in a way worth retrying later."""
+
+
+def backoff_seconds(attempts: int, config: Config, rng: random.Random) -> float:
+    """Capped exponential backoff with full jitter, after `attempts` tries."""
+    ceiling = min(config.outbox_backoff_cap_seconds,
+                  config.outbox_backoff_base_seconds * 2 ** max(attempts - 1, 0))
+    return rng.uniform(ceiling / 2, ceiling)
+
+
+class Worker:
+    def __init__(self, config: Config, pool: psycopg_pool.ConnectionPool,
+                 provider: PayoutProvider | None = None, owner: str | None = None) -> None:
+        self.config = config
+        self.pool = pool
+        self.provider = provider or create_provider(config, pool)
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.stopping = threading.Event()
+        self._rng = random.Random()
+        self._last_prune = 0.0
+        self._handlers = {"payout.requested": self._run_payout, "webhook.deliver": self._deliver_webhook}
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self) -> None:
+        log.info("worker %s started", self.owner)
+        listener = None
+        while not self.stopping.is_set():
+            try:
+                if listener is None and self.config.worker_listen:
+                    listener = self._listen()
+                if not self.run_once():
+                    self._prune_when_due()
+                    self._wait(listener)
+            except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as error:
+                log.warning("database unavailable, pausing: %s", error)
+                listener = _close_quietly(listener)
+                self.stopping.wait(ERROR_PAUSE_SECONDS)
+        _close_quietly(listener)
+        log.info("worker %s stopped", self.owner)
+
+    def run_once(self) -> int:
+        """Claims one batch and runs it; returns how many tasks it claimed."""
+        tasks = self._claim()
+        for index, task in enumerate(tasks):
+            if self.stopping.is_set():
+                self._release(tasks[index:])
+                break
+            self._run(task)
+        return len(tasks)
+
+    def _listen(self) -> psycopg.Connection:
+        connection = psycopg.connect(self.config.database_url, autocommit=True,
+                                     options=connection_options(self.config))
+        connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        return connection
+
+    def _wait(self, listener: psycopg.Connection | None) -> None:
+        """Until a NOTIFY, the poll interval, or a stop request."""
+        timeout = self.config.worker_poll_interval_seconds
+        if listener is None:
+            self.stopping.wait(timeout)
+            return
+        for _ in listener.notifies(timeout=timeout, stop_after=1):
+            pass
+
+    # -- claiming and ending tasks --------------------------------------------
+
+    def _claim(self) -> list[Task]:
+        with self.pool.connection() as conn:
+            rows = conn.execute(queries["outbox_claim"], {
+                "owner": self.owner, "batch_size": self.config.worker_batch_size_max,
+                "lease_seconds": self.config.worker_lease_seconds}).fetchall()
+        return [Task(row["id"], row["topic"], row["payload"], row["attempts"]) for row in rows]
+
+    def _release(self, tasks: list[Task]) -> None:
+        with self.pool.connection() as conn:
+            conn.execute(queries["outbox_release"], {"ids": [task.id for task in tasks], "owner": self.owner})
+        log.info("released %d unstarted tasks", len(tasks))
+
+    def _finish(self, task: Task, outcome: str, error: str | None = None,
+                run_at: datetime | None = None) -> None:
+        with self.pool.connection() as conn:
+            ours = conn.execute(queries["outbox_finish"], {
+                "id": task.id, "owner": self.owner, "outcome": outcome, "error": error,
+                "run_at": run_at}).fetchone()["ours"]
+        if not ours:
+            log.warning("task %d was no longer ours (lease expired); left to its new owner", task.id)
+
+    def _run(self, task: Task) -> None:
+        try:
+            if task.topic in EVENT_TOPICS:
+                self._fan_out(task)
+            elif task.topic in self._handlers:
+                self._handlers[task.topic](task)
+            else:
+                self._finish(task, "dead", f"no handler for topic {task.topic!r}")
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout):
+            raise  # the database is gone: the lease brings the task back
+        except Exception as error:  # noqa: BLE001 - any failure of an effect is retried
+            self._retry_or_bury(task, error)
+
+    def _retry_or_bury(self, task: Task, error: Exception) -> None:
+        reason = f"{type(error).__name__}: {error}"
+        if task.attempts >= self.config.outbox_attempts_max:
+            log.error("task %d (%s) is dead after %d attempts: %s",
+                      task.id, task.topic, task.attempts, reason)
+            self._finish(task, "dead", reason)
+            return
+        delay = backoff_seconds(task.attempts, self.config, self._rng)
+        log.info("task %d (%s) will retry in %.1f s: %s", task.id, task.topic, delay, reason)
+        self._finish(task, "retry", reason, datetime.now(UTC) + timedelta(seconds=delay))
+
+    # -- the effects ------------------------------------------------------------
+
+    def _fan_out(self, task: Task) -> None:
+        with self.pool.connection() as conn:
+            conn.execute(queries["webhook_fan_out"], {"task_id": task.id, "owner": self.owner})
+
+    def _run_payout(self, task: Task) -> None:
+        payout_id = task.payload["payout_id"]
+        with self.pool.connection() as conn:
+            payout = conn.execute(queries["payout_start"], {"id": payout_id}).fetchone()
+        if payout is None:  # finished by an earlier run of this task
+            self._finish(task, "done")
+            return
+        result = self.provider.pay(PayoutRequest(
+            idempotency_key=task.idempotency_key, payout_id=str(payout_id), amount=payout["amount"],
+            currency=payout["currency"], destination=payout["destination"]))
+        if result.outcome == "paid":
+            self._end_payout("payout_succeed", task, {"reference": result.reference})
+        elif result.outcome == "permanent" or task.attempts >= self.config.outbox_attempts_max:
+            reason = result.reason if result.outcome == "permanent" else \
+                f"retries exhausted after {task.attempts} attempts: {result.reason}"
+            self._end_payout("payout_fail", task, {"reason": reason})
+        else:
+            raise Retry(result.reason)
+
+    def _end_payout(self, query_name: str, task: Task, params: dict) -> None:
+        with self.pool.connection() as conn:
+            ours = conn.execute(queries[query_name], {
+                "id": task.payload["payout_id"], "task_id": task.id, "owner": self.owner,
+                **params}).fetchone()["ours"]
+        if not ours:
+            log.warning("payout task %d was no longer ours; its new owner finishes it", task.id)
+
+    def _deliver_webhook(self, task: Task) -> None:
+        with self.pool.connection() as conn:
+            endpoint = conn.execute(queries["webhook_endpoint_for_delivery"],
+                                    {"id": task.payload["endpoint_id"]}).fetchone()
+        if endpoint is None:  # deleted or disabled since
+            self._finish(task, "done", "endpoint gone or disabled")
+            return
+        event = task.payload["event"]
+        body = json.dumps(event, separators=(",", ":")).encode()
+        failure = webhooks.deliver(endpoint["url"], endpoint["secret"], event["id"], body,
+                                   self.config.webhook_timeout_seconds)
+        if failure:
+            raise Retry(failure)
+        self._finish(task, "done")
+
+    # -- housekeeping -------------------------------------------------------------
+
+    def _prune_when_due(self) -> None:
+        now = time.monotonic()
+        if now - self._last_prune < self.config.worker_prune_interval_seconds:
+            return
+        self._last_prune = now
+        with self.pool.connection() as conn:
+            keys = conn.execute(queries["prune_idempotency_keys"],
+                                {"batch_size": self.config.worker_prune_batch_size}).rowcount
+            tasks = conn.execute(queries["prune_outbox"], {
+                "batch_size": self.config.worker_prune_batch_size,
+                "retention_seconds": self.config.outbox_retention_seconds}).rowcount
+        if keys or tasks:
+            log.info("pruned %d expired idempotency keys and %d finished tasks", keys, tasks)
+
+
+def _close_quietly(connection: psycopg.Connection | None) -> None:
+    if connection is not None:
+        try:
+            connection.close()
+        except psycopg.Error:
+            pass
+    return None
+
+
+def run_worker(config: Config) -> None:
+    """`payflow worker`: until SIGTERM or SIGINT, which finish the task at hand."""
+    from payflow.db import create_pool
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    pool = create_pool(config.replace(pool_size_min=1, pool_size_max=2))
+    worker = Worker(config, pool)
+
+    def stop(signum, frame) -> None:
+        log.info("signal %d: finishing the task at hand, then stopping", signum)
+        worker.stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        worker.run()
+    finally:
+        pool.close()

@@ -1,0 +1,45 @@
+-- name: create_payout
+-- Creates a payout (money to the clearing account + task), idempotently; one round trip.
+SELECT outcome, status, body
+  FROM payflow_create_payout_v1(%(scope)s, %(key)s, %(fingerprint)s, %(ttl_seconds)s,
+                                %(account_id)s, %(amount)s, %(currency)s, %(destination)s);
+
+-- name: payout_json
+-- One payout as its API JSON.
+SELECT payflow_payout_json(p)::text AS body FROM payouts p WHERE p.id = %(id)s;
+
+-- name: payout_start
+-- Marks a payout processing (attempt + 1); no row when it is already finished.
+SELECT id, account_id, amount, currency, destination, attempts
+  FROM payflow_payout_start_v1(%(id)s) WHERE id IS NOT NULL;
+
+-- name: payout_succeed
+-- The provider paid: payout succeeded, event queued, task done; false if the task is not ours.
+SELECT payflow_payout_succeed_v1(%(id)s, %(reference)s, %(task_id)s, %(owner)s) AS ours;
+
+-- name: payout_fail
+-- Permanent failure: compensating transfer, payout failed, event queued, task done.
+SELECT payflow_payout_fail_v1(%(id)s, %(reason)s, %(task_id)s, %(owner)s) AS ours;
+
+-- name: simulated_record_call
+-- The simulated provider logs a call; returns how many calls this key has had.
+WITH logged AS (
+    INSERT INTO simulated_provider_calls (idempotency_key, payout_id, amount)
+    VALUES (%(key)s, %(payout_id)s, %(amount)s) RETURNING id)
+SELECT (SELECT id FROM logged) AS call_id,
+       (SELECT count(*) FROM simulated_provider_calls WHERE idempotency_key = %(key)s) + 1 AS call_number;
+
+-- name: simulated_set_outcome
+-- Records what the simulated provider answered to a call.
+UPDATE simulated_provider_calls SET outcome = %(outcome)s WHERE id = %(call_id)s;
+
+-- name: simulated_pay
+-- Pays once per idempotency key; returns the reference of the one payment.
+WITH paid AS (
+    INSERT INTO simulated_provider_payouts (idempotency_key, payout_id, amount, reference)
+    VALUES (%(key)s, %(payout_id)s, %(amount)s, %(reference)s)
+    ON CONFLICT (idempotency_key) DO NOTHING RETURNING reference)
+SELECT reference FROM paid
+UNION ALL
+SELECT reference FROM simulated_provider_payouts WHERE idempotency_key = %(key)s
+LIMIT 1;
