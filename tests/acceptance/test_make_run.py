@@ -88,14 +88,17 @@ def _listening(port: int) -> bool:
 
 
 def _processes_using(home: Path) -> list[str]:
+    """Processes whose command line names `home` (the servers) or whose
+    environment carries it (gunicorn, the worker: children of make run)."""
     found = []
     for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
             try:
                 cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                environ = (proc / "environ").read_bytes()
             except OSError:
                 continue
-            if str(home) in cmdline:
+            if str(home) in cmdline or f"PAYFLOW_HOME={home}".encode() in environ:
                 found.append(f"{proc.name}: {cmdline}")
     return found
 
@@ -155,6 +158,7 @@ def test_data_survives_a_restart_and_sigterm_then_sigkill_leave_nothing(run_home
     service = Service(command, run_home)
     assert service.account_id("Alice") == alice  # seeding again created nothing
     http = HttpClient(f"http://127.0.0.1:{service.port}")
+    assert _processes_using(run_home), "the check must see make run's own processes"
     status, _, account = http.request("GET", f"/v1/accounts/{alice}")
     assert status == 200 and account["balance"] == 100_000_00 - 123
     status, headers, _ = http.transfer(alice, bob, 123, key="survives")

@@ -108,7 +108,8 @@ def test_payout_succeeds(client, db, funded, make_worker, database_url):
     assert done["status"] == "succeeded" and done["attempts"] == 1 and done["provider_reference"]
     assert provider_books(db, created["id"]) == (1, 1)
     assert api.balance(account) == 7_500 and clearing_balance(db) == 2_500
-    events = db.execute("SELECT topic, status FROM outbox WHERE topic LIKE 'payout.%%' ORDER BY id").fetchall()
+    events = db.execute("SELECT topic, status FROM outbox WHERE topic LIKE 'payout.%%' "
+                        "ORDER BY id").fetchall()
     assert events == [{"topic": "payout.requested", "status": "done"},
                       {"topic": "payout.succeeded", "status": "done"}]
     assert_ledger_consistent(database_url)

@@ -1,0 +1,159 @@
+"""Workers as real subprocesses: several drain one queue with every effect
+executed once; a SIGKILLed worker's tasks come back after the lease; a
+SIGTERMed one exits cleanly, handing back its batch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from payflow import embedded
+from payflow.runner import CHECKOUT
+from tests.helpers import assert_ledger_consistent, create_system_account
+
+DRAIN_TIMEOUT_SECONDS = 240
+
+
+class Workers:
+    def __init__(self, database_url: str, log_dir, **settings) -> None:
+        self.environ = {key: value for key, value in os.environ.items() if not key.startswith("PAYFLOW_")}
+        self.environ.update({"PAYFLOW_DATABASE_URL": database_url, "PAYFLOW_REDIS_URL": "",
+                             "PAYFLOW_OUTBOX_BACKOFF_BASE_SECONDS": "0.01",
+                             **{f"PAYFLOW_{name.upper()}": str(value) for name, value in settings.items()}})
+        self.log_dir, self.processes = log_dir, []
+
+    def start(self, count: int = 1) -> list[subprocess.Popen]:
+        started = []
+        for _ in range(count):
+            log = open(self.log_dir / f"worker-{len(self.processes)}.log", "wb")
+            process = subprocess.Popen([sys.executable, "-m", "payflow", "worker"], cwd=CHECKOUT,
+                                       env=self.environ, stdout=log, stderr=subprocess.STDOUT,
+                                       preexec_fn=embedded.parent_death_signal(signal.SIGKILL))
+            log.close()
+            self.processes.append(process)
+            started.append(process)
+        return started
+
+    def stop_all(self) -> list[int]:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        return [process.wait(timeout=60) for process in self.processes]
+
+
+@pytest.fixture
+def workers(database_url, tmp_path):
+    made = []
+
+    def make(**settings) -> Workers:
+        made.append(Workers(database_url, tmp_path, **settings))
+        return made[-1]
+
+    yield make
+    for group in made:
+        group.stop_all()
+
+
+@pytest.fixture
+def db_rows(database_url):
+    with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
+        yield conn
+
+
+def queue_payouts(db, count: int, amount: int = 1) -> str:
+    """`count` payouts of one funded account, created in one statement."""
+    world = create_system_account(db)
+    account = db.execute("SELECT (payflow_create_account_v1('s', NULL, NULL, 60, 'payee', 'USD', 0,"
+                         " false)).body::jsonb ->> 'id' AS id").fetchone()["id"]
+    db.execute("SELECT payflow_post_transfer_v1('s', NULL, NULL, 60, 'transfer', %s, %s, %s, NULL,"
+               " NULL, NULL)", (world, account, count * amount))
+    db.execute("SELECT payflow_create_payout_v1('s', NULL, NULL, 60, %s, %s, NULL, '{\"iban\": \"x\"}')"
+               " FROM generate_series(1, %s)", (account, amount, count))
+    return account
+
+
+def wait_drained(db, timeout_seconds: float = DRAIN_TIMEOUT_SECONDS) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        left = db.execute("SELECT count(*) AS n FROM outbox WHERE status IN ('pending', 'running')"
+                          ).fetchone()["n"]
+        if left == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{left} tasks still pending or running")
+
+
+def assert_each_payout_paid_once(db, count: int) -> None:
+    statuses = db.execute("SELECT status, count(*) AS n FROM payouts GROUP BY status").fetchall()
+    assert statuses == [{"status": "succeeded", "n": count}]
+    paid = db.execute("SELECT count(*) AS payments, count(DISTINCT payout_id) AS payouts "
+                      "FROM simulated_provider_payouts").fetchone()
+    assert paid == {"payments": count, "payouts": count}
+    unpaid = db.execute("SELECT count(*) AS n FROM payouts p WHERE NOT EXISTS (SELECT 1 FROM "
+                        "simulated_provider_payouts s WHERE s.payout_id = p.id)").fetchone()["n"]
+    assert unpaid == 0
+    assert db.execute("SELECT count(*) AS n FROM outbox WHERE status = 'dead'").fetchone()["n"] == 0
+
+
+def test_four_workers_drain_5000_payouts_each_paid_exactly_once(workers, db_rows, database_url):
+    queue_payouts(db_rows, 5000)
+    group = workers(worker_batch_size_max=50)
+    group.start(4)
+    wait_drained(db_rows)
+    assert group.stop_all() == [0, 0, 0, 0]
+    assert_each_payout_paid_once(db_rows, 5000)
+    calls = db_rows.execute("SELECT count(*) AS n FROM simulated_provider_calls").fetchone()["n"]
+    assert calls == 5000  # nobody crashed: not even a second call
+    owners = db_rows.execute("SELECT count(DISTINCT idempotency_key) AS n FROM simulated_provider_calls"
+                             ).fetchone()["n"]
+    assert owners == 5000
+    assert_ledger_consistent(database_url)
+
+
+def test_a_sigkilled_workers_tasks_are_reclaimed_after_the_lease(workers, db_rows, database_url):
+    queue_payouts(db_rows, 40)
+    group = workers(worker_batch_size_max=20, worker_lease_seconds=2, simulated_latency_ms=100)
+    (victim,) = group.start(1)
+    deadline = time.monotonic() + 60
+    while db_rows.execute("SELECT count(*) AS n FROM payouts WHERE status = 'succeeded'"
+                          ).fetchone()["n"] < 3:
+        assert time.monotonic() < deadline, "the worker made no progress"
+        time.sleep(0.05)
+    victim.kill()
+    victim.wait()
+    held = db_rows.execute("SELECT count(*) AS n FROM outbox WHERE status = 'running'").fetchone()["n"]
+    assert held > 0, "the killed worker held no claimed tasks"
+    group.start(1)
+    wait_drained(db_rows)
+    assert_each_payout_paid_once(db_rows, 40)
+    reclaimed = db_rows.execute("SELECT count(*) AS n FROM outbox WHERE topic = 'payout.requested' "
+                                "AND attempts > 1").fetchone()["n"]
+    assert reclaimed > 0
+    assert_ledger_consistent(database_url)
+
+
+def test_a_sigtermed_worker_exits_cleanly_and_hands_its_batch_back(workers, db_rows):
+    queue_payouts(db_rows, 30)
+    group = workers(worker_batch_size_max=30, simulated_latency_ms=200)
+    (worker,) = group.start(1)
+    deadline = time.monotonic() + 60
+    while db_rows.execute("SELECT count(*) AS n FROM outbox WHERE status = 'running'").fetchone()["n"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)
+    worker.terminate()
+    assert worker.wait(timeout=10) == 0
+    rows = db_rows.execute("SELECT status, count(*) AS n FROM outbox WHERE topic = 'payout.requested' "
+                           "GROUP BY status").fetchall()
+    counts = {row["status"]: row["n"] for row in rows}
+    assert "running" not in counts and counts.get("pending", 0) > 0, counts
+    processing = db_rows.execute("SELECT count(*) AS n FROM payouts WHERE status = 'processing'"
+                                 ).fetchone()["n"]
+    assert processing == 0  # the task at hand was finished, not abandoned
