@@ -72,6 +72,9 @@ class Worker:
         self.stopping = threading.Event()
         self._rng = random.Random()
         self._last_prune = 0.0
+        # Claimed tasks not yet ended. If the database goes away mid-batch, they
+        # are handed back once it returns rather than waiting out their lease.
+        self._held: list[Task] = []
         self._handlers = {"payout.requested": self._run_payout, "webhook.deliver": self._deliver_webhook}
 
     # -- the loop -------------------------------------------------------------
@@ -83,6 +86,8 @@ class Worker:
             try:
                 if listener is None and self.config.worker_listen:
                     listener = self._listen()
+                if self._held:
+                    self._release(self._held)
                 if not self.run_once():
                     self._prune_when_due()
                     self._wait(listener)
@@ -96,11 +101,14 @@ class Worker:
     def run_once(self) -> int:
         """Claims one batch and runs it; returns how many tasks it claimed."""
         tasks = self._claim()
-        for index, task in enumerate(tasks):
+        self._held = list(tasks)
+        for task in tasks:
             if self.stopping.is_set():
-                self._release(tasks[index:])
                 break
             self._run(task)
+            self._held.remove(task)
+        if self._held:
+            self._release(self._held)
         return len(tasks)
 
     def _listen(self) -> psycopg.Connection:
@@ -130,7 +138,8 @@ class Worker:
     def _release(self, tasks: list[Task]) -> None:
         with self.pool.connection() as conn:
             conn.execute(queries["outbox_release"], {"ids": [task.id for task in tasks], "owner": self.owner})
-        log.info("released %d unstarted tasks", len(tasks))
+        log.info("handed back %d claimed tasks", len(tasks))
+        self._held = []
 
     def _finish(self, task: Task, outcome: str, error: str | None = None,
                 run_at: datetime | None = None) -> None:

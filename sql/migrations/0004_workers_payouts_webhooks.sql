@@ -10,6 +10,10 @@ END $$;
 CREATE TRIGGER outbox_notify AFTER INSERT ON outbox
     FOR EACH STATEMENT EXECUTE FUNCTION payflow_outbox_notify();
 
+-- When a worker last claimed the task: started_at - created_at is the queue's
+-- wake-up latency (measured by make bench).
+ALTER TABLE outbox ADD COLUMN started_at timestamptz;
+
 CREATE INDEX outbox_running_lease ON outbox (lease_expires_at) WHERE status = 'running';
 CREATE INDEX outbox_dead ON outbox (id) WHERE status = 'dead';
 CREATE INDEX outbox_done_finished_at ON outbox (finished_at) WHERE status = 'done';
@@ -36,7 +40,7 @@ RETURNS SETOF outbox LANGUAGE sql AS $$
     )
     UPDATE outbox o
        SET status = 'running', lease_owner = p_owner, attempts = o.attempts + 1,
-           lease_expires_at = now() + make_interval(secs => p_lease_seconds)
+           lease_expires_at = now() + make_interval(secs => p_lease_seconds), started_at = now()
       FROM claimable c
      WHERE o.id = c.id
     RETURNING o.*;

@@ -157,3 +157,41 @@ def test_a_sigtermed_worker_exits_cleanly_and_hands_its_batch_back(workers, db_r
     processing = db_rows.execute("SELECT count(*) AS n FROM payouts WHERE status = 'processing'"
                                  ).fetchone()["n"]
     assert processing == 0  # the task at hand was finished, not abandoned
+
+
+def test_workers_ride_out_a_database_restart(test_home, tmp_path):
+    """PostgreSQL stops mid-drain and comes back on the same port: the workers
+    pause, reconnect (LISTEN included) and finish every payout exactly once."""
+    from payflow import migrations
+
+    server = embedded.EmbeddedPostgres(test_home / f"restart-{os.getpid()}" / "data", durable=False)
+    server.start()
+    try:
+        migrations.migrate(server.url)
+        with psycopg.connect(server.url, autocommit=True, row_factory=dict_row) as db:
+            queue_payouts(db, 300)
+        group = Workers(server.url, tmp_path, worker_batch_size_max=10, simulated_latency_ms=5)
+        group.start(2)
+        time.sleep(1.0)
+        server.stop()
+        time.sleep(1.5)
+        server.start()  # same data folder, same port
+        with psycopg.connect(server.url, autocommit=True, row_factory=dict_row) as db:
+            wait_drained(db)
+            assert group.stop_all() == [0, 0]
+            assert_each_payout_paid_once(db, 300)
+        assert_ledger_consistent(server.url)
+        logs = "".join(path.read_text() for path in tmp_path.glob("worker-*.log"))
+        assert "database unavailable" in logs  # the restart was seen, and survived
+    finally:
+        server.stop()
+
+
+def test_a_poll_only_worker_drains_too(workers, db_rows):
+    """worker_listen=false (PgBouncer in transaction mode breaks LISTEN)."""
+    queue_payouts(db_rows, 20)
+    group = workers(worker_listen="false", worker_poll_interval_seconds=0.1)
+    group.start(1)
+    wait_drained(db_rows, timeout_seconds=60)
+    assert group.stop_all() == [0]
+    assert_each_payout_paid_once(db_rows, 20)
