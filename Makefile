@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test check lint worker db-shell seed migrate audit reset clean
+.PHONY: run test check lint worker bench db-shell seed migrate audit reset clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +18,15 @@ test: $(STAMP)  ## the whole suite, on its own embedded servers
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check payflow tests scripts gunicorn.conf.py
+	$(BIN)/ruff check payflow tests bench gunicorn.conf.py
 
 check: lint test
 
 worker: $(STAMP)  ## one more outbox worker (start as many as you like)
 	$(BIN)/payflow worker
+
+bench: $(STAMP)  ## benchmarks on their own durable servers; JSON in bench/results/
+	$(BIN)/python -m bench.outbox
 
 db-shell: $(STAMP)
 	$(BIN)/payflow db shell
