@@ -33,7 +33,11 @@ class PayoutRequest:
 
 @dataclass(frozen=True)
 class PayoutResult:
-    outcome: str  # "paid", "retryable", "permanent"
+    """paid; permanent (refused for good: not paid); retryable (not paid this
+    time, e.g. unavailable or rate limited); unknown (the call may have paid,
+    e.g. a timeout after sending: only a retry with the same key can tell)."""
+
+    outcome: str
     reference: str = ""
     reason: str = ""
 
@@ -48,6 +52,10 @@ class PayoutResult:
     @classmethod
     def permanent(cls, reason: str) -> PayoutResult:
         return cls("permanent", reason=reason)
+
+    @classmethod
+    def unknown(cls, reason: str) -> PayoutResult:
+        return cls("unknown", reason=reason)
 
 
 class PayoutProvider(Protocol):
@@ -90,13 +98,16 @@ class SimulatedProvider:
 
     def _decide(self, request: PayoutRequest, call_number: int, conn) -> PayoutResult:
         config = self._config
+        paid = conn.execute(queries["simulated_find_payment"], {"key": request.idempotency_key}).fetchone()
+        if paid:  # a retried call: the payment already made, whatever else would happen
+            return PayoutResult.paid(paid["reference"])
         if call_number <= config.simulated_fail_first_calls:
             return PayoutResult.retryable(f"simulated outage (call {call_number})")
         draw = self._draw(request.idempotency_key, call_number)
         if draw < config.simulated_permanent_failure_rate:
             return PayoutResult.permanent("simulated: destination account closed")
         if draw < config.simulated_permanent_failure_rate + config.simulated_failure_rate:
-            return PayoutResult.retryable("simulated: provider timeout")
+            return PayoutResult.retryable("simulated: provider unavailable (503), nothing paid")
         params = {"key": request.idempotency_key, "payout_id": request.payout_id,
                   "amount": request.amount, "reference": f"sim_{request.idempotency_key}"}
         row = conn.execute(queries["simulated_pay"], params).fetchone()
@@ -105,9 +116,27 @@ class SimulatedProvider:
         return PayoutResult.paid(row["reference"])
 
 
+# Answers that say "not now" rather than "no": retry with the same key.
+RETRYABLE_CLIENT_STATUSES = frozenset({408, 409, 425, 429})
+RESPONSE_BYTES_MAX = 64 * 1024
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect turns a POST into a GET: never follow one with money at stake."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirects, urllib.request.ProxyHandler({}))
+
+
 class HttpProvider:
-    """POSTs the payout to a URL with an Idempotency-Key header. 2xx: paid
-    (the body's "reference", if any); 4xx: permanent; 5xx and timeouts: retryable."""
+    """POSTs the payout to a URL with an Idempotency-Key header.
+
+    2xx: paid (the body's "reference", if any); 408/409/425/429, 3xx and a
+    refused connection: retryable (nothing was paid); other 4xx: permanent;
+    5xx and timeouts: unknown (it may have paid; a retry with the key tells)."""
 
     def __init__(self, config: Config) -> None:
         if not config.payout_http_url:
@@ -122,18 +151,32 @@ class HttpProvider:
             self._url, data=body.encode(), method="POST",
             headers={"Content-Type": "application/json", "Idempotency-Key": request.idempotency_key})
         try:
-            with urllib.request.urlopen(http_request, timeout=self._timeout_seconds) as response:
-                answer = response.read()
+            with _opener.open(http_request, timeout=self._timeout_seconds) as response:
+                answer = response.read(RESPONSE_BYTES_MAX)
         except urllib.error.HTTPError as error:
-            reason = f"provider answered {error.code}"
-            return PayoutResult.permanent(reason) if error.code < 500 else PayoutResult.retryable(reason)
-        except (OSError, TimeoutError) as error:
+            return _classify(error.code)
+        except ConnectionRefusedError as error:
             return PayoutResult.retryable(f"provider unreachable: {error}")
+        except urllib.error.URLError as error:
+            if isinstance(error.reason, ConnectionRefusedError):
+                return PayoutResult.retryable(f"provider unreachable: {error.reason}")
+            return PayoutResult.unknown(f"provider call failed: {error.reason}")
+        except (OSError, TimeoutError) as error:
+            return PayoutResult.unknown(f"provider call failed: {error}")
         try:
             reference = str(json.loads(answer).get("reference") or request.idempotency_key)
         except (ValueError, AttributeError):
             reference = request.idempotency_key
         return PayoutResult.paid(reference)
+
+
+def _classify(status: int) -> PayoutResult:
+    reason = f"provider answered {status}"
+    if status < 400 or status in RETRYABLE_CLIENT_STATUSES:
+        return PayoutResult.retryable(reason)
+    if status < 500:
+        return PayoutResult.permanent(reason)
+    return PayoutResult.unknown(reason)
 
 
 def create_provider(config: Config, pool: psycopg_pool.ConnectionPool) -> PayoutProvider:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
 from payflow.currencies import ISO_4217_CODES
 
@@ -136,6 +136,9 @@ class TransferSchema(Schema):
     created_at = fields.DateTime(required=True)
 
 
+DESTINATION_BYTES_MAX = 4096
+
+
 class PayoutCreateSchema(Schema):
     account_id = fields.UUID(required=True)
     amount = amount_field(required=True)
@@ -144,7 +147,13 @@ class PayoutCreateSchema(Schema):
         required=True, keys=Text(validate=validate.Length(min=1, max=METADATA_KEY_CHARS_MAX)),
         values=Text(validate=validate.Length(max=METADATA_VALUE_CHARS_MAX)),
         validate=validate.Length(min=1, max=20),
-        metadata={"description": "Where the money goes, e.g. {\"iban\": \"...\"}; string values"})
+        metadata={"description": "Where the money goes, e.g. {\"iban\": \"...\"}; string values, "
+                                 "4 KiB in all"})
+
+    @validates_schema
+    def _destination_size(self, data, **kwargs) -> None:
+        if "destination" in data and len(json.dumps(data["destination"]).encode()) > DESTINATION_BYTES_MAX:
+            raise ValidationError(f"Must be at most {DESTINATION_BYTES_MAX} bytes as JSON.", "destination")
 
 
 class PayoutSchema(Schema):
@@ -171,6 +180,12 @@ WEBHOOK_EVENT_TYPES = ("transfer.posted", "payout.succeeded", "payout.failed")
 class WebhookEndpointCreateSchema(Schema):
     url = fields.Url(required=True, schemes={"http", "https"}, require_tld=False,
                      validate=validate.Length(max=2000))
+
+    @post_load
+    def _lower_case_scheme(self, data, **kwargs) -> dict:
+        scheme, rest = data["url"].split("://", 1)
+        return {**data, "url": f"{scheme.lower()}://{rest}"}
+
     event_types = fields.List(fields.String(validate=validate.OneOf(WEBHOOK_EVENT_TYPES)),
                               required=True, validate=validate.Length(min=1, max=len(WEBHOOK_EVENT_TYPES)))
 

@@ -57,17 +57,33 @@ def verify(secret: str, headers: Mapping[str, str], body: bytes,
     lowered = {name.lower(): value for name, value in headers.items()}
     try:
         message_id = lowered["webhook-id"]
-        timestamp = int(lowered["webhook-timestamp"])
+        raw_timestamp = lowered["webhook-timestamp"]
         signatures = lowered["webhook-signature"].split()
-    except (KeyError, ValueError):
-        raise WebhookVerificationError("missing or malformed webhook headers") from None
+    except KeyError:
+        raise WebhookVerificationError("missing webhook headers") from None
+    if not (raw_timestamp.isascii() and raw_timestamp.isdigit()):
+        raise WebhookVerificationError("malformed webhook-timestamp")
+    timestamp = int(raw_timestamp)
     current = time.time() if now is None else now
     if abs(current - timestamp) > tolerance_seconds:
         raise WebhookVerificationError("timestamp outside the tolerance: a replay?")
-    expected = sign(secret, message_id, timestamp, body)
-    # A sender may list several signatures (during a secret rotation).
-    if not any(hmac.compare_digest(expected, candidate) for candidate in signatures):
+    expected = sign(secret, message_id, timestamp, body).encode()
+    # A sender may list several signatures (during a secret rotation). Bytes,
+    # so that a non-ASCII header is a mismatch, not a TypeError.
+    if not any(hmac.compare_digest(expected, candidate.encode("utf-8", "replace"))
+               for candidate in signatures):
         raise WebhookVerificationError("signature does not match")
+
+
+RESPONSE_BYTES_MAX = 64 * 1024
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # a 3xx is a failed delivery, not a hop to wherever it points
+
+
+_opener = urllib.request.build_opener(_NoRedirects, urllib.request.ProxyHandler({}))
 
 
 def deliver(url: str, secret: str, message_id: str, body: bytes, timeout_seconds: float) -> str | None:
@@ -76,8 +92,8 @@ def deliver(url: str, secret: str, message_id: str, body: bytes, timeout_seconds
         "Content-Type": "application/json", "User-Agent": "payflow-webhooks/1",
         **headers_for(secret, message_id, body)})
     try:
-        with urllib.request.urlopen(request, timeout=timeout_seconds) as response:
-            response.read()
+        with _opener.open(request, timeout=timeout_seconds) as response:
+            response.read(RESPONSE_BYTES_MAX)
     except urllib.error.HTTPError as error:
         return f"endpoint answered {error.code}"
     except (OSError, TimeoutError) as error:

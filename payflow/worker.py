@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import psycopg_pool
+from psycopg import errors as pg_errors
 
 from payflow import webhooks
 from payflow.config import Config
@@ -45,10 +46,10 @@ class Task:
     payload: dict
     attempts: int
 
-    @property
-    def idempotency_key(self) -> str:
-        """The key every effect of this task carries, the same on every retry."""
-        return f"payflow-task-{self.id}"
+
+# Errors of one statement (a timeout, a lock wait, a deadlock): the connection
+# is fine, so the task failed and is retried with backoff like any other failure.
+STATEMENT_ERRORS = (pg_errors.QueryCanceled, pg_errors.LockNotAvailable, pg_errors.TransactionRollback)
 
 
 class Retry(Exception):
@@ -75,6 +76,7 @@ class Worker:
         # Claimed tasks not yet ended. If the database goes away mid-batch, they
         # are handed back once it returns rather than waiting out their lease.
         self._held: list[Task] = []
+        self._current: Task | None = None
         self._handlers = {"payout.requested": self._run_payout, "webhook.deliver": self._deliver_webhook}
 
     # -- the loop -------------------------------------------------------------
@@ -86,12 +88,12 @@ class Worker:
             try:
                 if listener is None and self.config.worker_listen:
                     listener = self._listen()
-                if self._held:
-                    self._release(self._held)
-                if not self.run_once():
-                    self._prune_when_due()
+                self._release_held()
+                claimed = self.run_once()
+                self._prune_when_due()
+                if not claimed:
                     self._wait(listener)
-            except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as error:
+            except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
                 log.warning("database unavailable, pausing: %s", error)
                 listener = _close_quietly(listener)
                 self.stopping.wait(ERROR_PAUSE_SECONDS)
@@ -105,14 +107,16 @@ class Worker:
         for task in tasks:
             if self.stopping.is_set():
                 break
-            self._run(task)
+            self._current = task
             self._held.remove(task)
-        if self._held:
-            self._release(self._held)
+            if self._renew(task):
+                self._run(task)
+            self._current = None
+        self._release_held()
         return len(tasks)
 
     def _listen(self) -> psycopg.Connection:
-        connection = psycopg.connect(self.config.database_url, autocommit=True,
+        connection = psycopg.connect(self.config.database_url, autocommit=True, connect_timeout=5,
                                      options=connection_options(self.config))
         connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
         return connection
@@ -135,11 +139,28 @@ class Worker:
                 "lease_seconds": self.config.worker_lease_seconds}).fetchall()
         return [Task(row["id"], row["topic"], row["payload"], row["attempts"]) for row in rows]
 
-    def _release(self, tasks: list[Task]) -> None:
+    def _release_held(self) -> None:
+        """Hands back what this worker claimed and has not ended: the rest of a
+        batch when stopping, and, after the database went away, the task it was
+        running too (keeping that task's attempt)."""
+        for tasks, started in ((self._held, False), ([self._current] if self._current else [], True)):
+            if tasks:
+                with self.pool.connection() as conn:
+                    conn.execute(queries["outbox_release"], {
+                        "ids": [task.id for task in tasks], "owner": self.owner, "started": started})
+                log.info("handed back %d claimed tasks", len(tasks))
+        self._held, self._current = [], None
+
+    def _renew(self, task: Task) -> bool:
+        """The lease covers the whole batch from the claim; each task gets a
+        fresh one before its effect, unless another worker has taken it."""
         with self.pool.connection() as conn:
-            conn.execute(queries["outbox_release"], {"ids": [task.id for task in tasks], "owner": self.owner})
-        log.info("handed back %d claimed tasks", len(tasks))
-        self._held = []
+            ours = conn.execute(queries["outbox_renew"], {
+                "id": task.id, "owner": self.owner,
+                "lease_seconds": self.config.worker_lease_seconds}).fetchone()["ours"]
+        if not ours:
+            log.warning("task %d was taken by another worker (our lease ran out); skipped", task.id)
+        return ours
 
     def _finish(self, task: Task, outcome: str, error: str | None = None,
                 run_at: datetime | None = None) -> None:
@@ -158,8 +179,10 @@ class Worker:
                 self._handlers[task.topic](task)
             else:
                 self._finish(task, "dead", f"no handler for topic {task.topic!r}")
+        except STATEMENT_ERRORS as error:
+            self._retry_or_bury(task, error)
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout):
-            raise  # the database is gone: the lease brings the task back
+            raise  # the connection is gone: the task is handed back when it returns
         except Exception as error:  # noqa: BLE001 - any failure of an effect is retried
             self._retry_or_bury(task, error)
 
@@ -187,16 +210,24 @@ class Worker:
         if payout is None:  # finished by an earlier run of this task
             self._finish(task, "done")
             return
+        # The key is the payout's own id: unique for good, the same on every
+        # run of its task (a sequence-based task id could repeat after a restore).
         result = self.provider.pay(PayoutRequest(
-            idempotency_key=task.idempotency_key, payout_id=str(payout_id), amount=payout["amount"],
-            currency=payout["currency"], destination=payout["destination"]))
+            idempotency_key=f"payflow-payout-{payout_id}", payout_id=str(payout_id),
+            amount=payout["amount"], currency=payout["currency"], destination=payout["destination"]))
+        exhausted = task.attempts >= self.config.outbox_attempts_max
         if result.outcome == "paid":
             self._end_payout("payout_succeed", task, {"reference": result.reference})
-        elif result.outcome == "permanent" or task.attempts >= self.config.outbox_attempts_max:
-            reason = result.reason if result.outcome == "permanent" else \
-                f"retries exhausted after {task.attempts} attempts: {result.reason}"
+        elif result.outcome == "permanent":
+            self._end_payout("payout_fail", task, {"reason": result.reason})
+        elif result.outcome == "retryable" and exhausted:
+            # The last call, with the same key, was a definite "not paid": a
+            # deduping provider would have answered "paid" had any call paid.
+            reason = f"retries exhausted after {task.attempts} attempts: {result.reason}"
             self._end_payout("payout_fail", task, {"reason": reason})
         else:
+            # Retry; an unknown outcome at the last attempt makes the task dead
+            # and leaves the payout processing for an operator (retry-dead).
             raise Retry(result.reason)
 
     def _end_payout(self, query_name: str, task: Task, params: dict) -> None:

@@ -49,15 +49,16 @@ def load(schema: Schema, data: object) -> dict:
 
 def json_body(blueprint, schema_class: type[Schema], idempotency_key: str):
     """Decorates a view taking `(body, idempotent_request)`; documents the body
-    in /openapi.json. idempotency_key: 'required' or 'optional'."""
+    in /openapi.json. idempotency_key: 'required', 'optional' or 'none'."""
     schema = schema_class()
     required = idempotency_key == "required"
+    honoured = idempotency_key != "none"
 
     def decorator(view):
         @functools.wraps(view)
         def wrapper(*args, **kwargs):
             raw = parse_json_body()
-            key = idempotency.key_from_headers(request.headers, required=required)
+            key = idempotency.key_from_headers(request.headers, required=required) if honoured else None
             body = load(schema, raw)
             fingerprint = idempotency.fingerprint(request.method, request.path, raw) if key else None
             return view(body, IdempotentRequest(key, fingerprint), *args, **kwargs)
@@ -66,7 +67,7 @@ def json_body(blueprint, schema_class: type[Schema], idempotency_key: str):
                   "schema": {"type": "string", "minLength": 1, "maxLength": 255},
                   "description": "Retries with the same key replay the first response."}
         return blueprint.doc(
-            parameters=[header],
+            parameters=[header] if honoured else [],
             requestBody={"required": True, "content": {"application/json": {"schema": schema_class}}},
         )(wrapper)
 

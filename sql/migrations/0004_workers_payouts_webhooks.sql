@@ -19,31 +19,35 @@ CREATE INDEX outbox_dead ON outbox (id) WHERE status = 'dead';
 CREATE INDEX outbox_done_finished_at ON outbox (finished_at) WHERE status = 'done';
 
 -- Claims up to p_batch_size runnable tasks: pending ones that are due, and
--- running ones whose lease expired (their worker died). SKIP LOCKED lets any
--- number of workers claim at once without waiting on, or taking, the same row.
+-- running ones whose lease expired (their worker died). SKIP LOCKED in each
+-- branch lets any number of workers claim at once, each taking other rows.
 CREATE FUNCTION payflow_outbox_claim_v1(p_owner text, p_batch_size integer, p_lease_seconds double precision)
 RETURNS SETOF outbox LANGUAGE sql AS $$
-    WITH candidates AS (
-        SELECT id FROM (
-            (SELECT id, run_at FROM outbox WHERE status = 'pending' AND run_at <= now()
-              ORDER BY run_at LIMIT p_batch_size)
-            UNION ALL
-            (SELECT id, lease_expires_at FROM outbox
-              WHERE status = 'running' AND lease_expires_at < now()
-              ORDER BY lease_expires_at LIMIT p_batch_size)
-        ) due
-        ORDER BY run_at LIMIT p_batch_size
-    ), claimable AS (
-        SELECT o.id FROM outbox o JOIN candidates c ON c.id = o.id
-         WHERE o.status = 'pending' OR (o.status = 'running' AND o.lease_expires_at < now())
-         FOR UPDATE OF o SKIP LOCKED
+    WITH expired AS (
+        SELECT id FROM outbox WHERE status = 'running' AND lease_expires_at < now()
+         ORDER BY lease_expires_at LIMIT p_batch_size FOR UPDATE SKIP LOCKED
+    ), pending AS (
+        SELECT id FROM outbox WHERE status = 'pending' AND run_at <= now()
+         ORDER BY run_at LIMIT p_batch_size FOR UPDATE SKIP LOCKED
     )
     UPDATE outbox o
        SET status = 'running', lease_owner = p_owner, attempts = o.attempts + 1,
            lease_expires_at = now() + make_interval(secs => p_lease_seconds), started_at = now()
-      FROM claimable c
+      FROM (SELECT id FROM expired UNION ALL SELECT id FROM pending LIMIT p_batch_size) c
      WHERE o.id = c.id
     RETURNING o.*;
+$$;
+
+-- Before each effect: extends our lease on the task, or returns false when it
+-- is no longer ours (the lease ran out while earlier tasks of the batch ran
+-- and another worker took it): the effect must then not run.
+CREATE FUNCTION payflow_outbox_renew_v1(p_id bigint, p_owner text, p_lease_seconds double precision)
+RETURNS boolean LANGUAGE sql AS $$
+    WITH renewed AS (
+        UPDATE outbox SET lease_expires_at = now() + make_interval(secs => p_lease_seconds)
+         WHERE id = p_id AND status = 'running' AND lease_owner = p_owner
+        RETURNING 1)
+    SELECT EXISTS (SELECT 1 FROM renewed);
 $$;
 
 -- Ends a task we hold: 'done', 'retry' (pending again at p_run_at) or 'dead'.
@@ -66,13 +70,14 @@ BEGIN
     RETURN FOUND;
 END $$;
 
--- A stopping worker hands back the tasks it claimed but did not start.
-CREATE FUNCTION payflow_outbox_release_v1(p_ids bigint[], p_owner text) RETURNS integer
-LANGUAGE sql AS $$
+-- A worker hands back tasks it claimed: unstarted ones (a stop) get their
+-- attempt back; a started one (the database went away under it) keeps it.
+CREATE FUNCTION payflow_outbox_release_v1(p_ids bigint[], p_owner text, p_started boolean)
+RETURNS integer LANGUAGE sql AS $$
     WITH released AS (
         UPDATE outbox
            SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL,
-               attempts = greatest(attempts - 1, 0)
+               attempts = CASE WHEN p_started THEN attempts ELSE greatest(attempts - 1, 0) END
          WHERE id = ANY (p_ids) AND status = 'running' AND lease_owner = p_owner
         RETURNING 1)
     SELECT count(*)::integer FROM released;
@@ -162,6 +167,11 @@ BEGIN
         outcome := 'refused';
         status := 404;
         body := payflow_error_json('account_not_found', 'No account with this id.',
+                                   jsonb_build_object('account_id', p_account))::text;
+    ELSIF account.is_system THEN  -- unlimited overdraft: it could pay out money nobody has
+        outcome := 'refused';
+        status := 422;
+        body := payflow_error_json('account_not_eligible', 'System accounts cannot be paid out.',
                                    jsonb_build_object('account_id', p_account))::text;
     ELSE
         clearing := payflow_system_account_v1('payout_clearing', account.currency);

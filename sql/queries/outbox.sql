@@ -8,8 +8,12 @@ SELECT id, topic, payload, attempts, lease_expires_at
 SELECT payflow_outbox_finish_v1(%(id)s, %(owner)s, %(outcome)s, %(error)s, %(run_at)s) AS ours;
 
 -- name: outbox_release
--- Hands claimed, unstarted tasks back (a stopping worker).
-SELECT payflow_outbox_release_v1(%(ids)s, %(owner)s) AS released;
+-- Hands claimed tasks back (a stopping worker, or one whose database went away).
+SELECT payflow_outbox_release_v1(%(ids)s, %(owner)s, %(started)s) AS released;
+
+-- name: outbox_renew
+-- Extends our lease before an effect; false if the task is no longer ours.
+SELECT payflow_outbox_renew_v1(%(id)s, %(owner)s, %(lease_seconds)s) AS ours;
 
 -- name: outbox_stats
 -- Task counts by status and topic.

@@ -33,6 +33,10 @@ SELECT (SELECT id FROM logged) AS call_id,
 -- Records what the simulated provider answered to a call.
 UPDATE simulated_provider_calls SET outcome = %(outcome)s WHERE id = %(call_id)s;
 
+-- name: simulated_find_payment
+-- The payment the simulated provider already made for this key, if any.
+SELECT reference FROM simulated_provider_payouts WHERE idempotency_key = %(key)s;
+
 -- name: simulated_pay
 -- Pays once per idempotency key; returns the reference of the one payment.
 WITH paid AS (

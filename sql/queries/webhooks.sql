@@ -4,6 +4,10 @@ INSERT INTO webhook_endpoints (url, event_types, secret)
 VALUES (%(url)s, %(event_types)s, %(secret)s)
 RETURNING payflow_webhook_endpoint_json(webhook_endpoints) AS endpoint;
 
+-- name: count_webhook_endpoints
+-- How many webhook endpoints exist.
+SELECT count(*) AS endpoints FROM webhook_endpoints;
+
 -- name: list_webhook_endpoints
 -- All webhook endpoints (without their secrets).
 SELECT payflow_webhook_endpoint_json(w) AS endpoint FROM webhook_endpoints w ORDER BY created_at;

@@ -152,15 +152,73 @@ def test_exhausted_retries_fail_and_return_the_money(client, db, funded, make_wo
     assert_ledger_consistent(database_url)
 
 
-def test_a_rerun_of_a_finished_payout_task_does_not_pay_again(client, db, funded, make_worker):
-    """At-least-once delivery: the task runs again (as after a crash between
-    the provider's answer and the task's end); nothing is paid twice."""
-    _, account = funded
+class CrashAfterPaying:
+    """A worker that dies right after the provider paid, before it could record
+    it (a test double of the outside world around the real simulated provider)."""
+
+    def __init__(self, provider) -> None:
+        self.provider, self.crashed = provider, False
+
+    def pay(self, request):
+        result = self.provider.pay(request)
+        if not self.crashed:
+            self.crashed = True
+            raise RuntimeError("worker died after the provider paid")
+        return result
+
+
+def test_a_crash_after_the_provider_paid_does_not_pay_again(client, db, funded, make_worker,
+                                                            database_url):
+    """At-least-once delivery: the task runs again with the same key, and the
+    provider's dedupe answers with the first payment."""
+    api, account = funded
     created = request_payout(client, account, 100).get_json()
     worker = make_worker()
+    worker.provider = CrashAfterPaying(worker.provider)
     drain(worker)
-    db.execute("UPDATE outbox SET status = 'pending', finished_at = NULL WHERE topic = 'payout.requested'")
+    done = payout(client, created["id"])
+    assert done["status"] == "succeeded" and done["attempts"] == 2
+    assert provider_books(db, created["id"]) == (2, 1)
+    assert api.balance(account) == 9_900 and clearing_balance(db) == 100
+    assert_ledger_consistent(database_url)
+
+
+class AlwaysUnknown:
+    """A provider that always times out after sending: the outcome is unknown."""
+
+    def pay(self, request):
+        from payflow.providers import PayoutResult
+
+        return PayoutResult.unknown("timed out after sending")
+
+
+def test_an_unknown_outcome_at_the_last_attempt_is_never_refunded(client, db, funded, make_worker,
+                                                                  database_url):
+    api, account = funded
+    created = request_payout(client, account, 700).get_json()
+    worker = make_worker(outbox_attempts_max=3)
+    worker.provider = AlwaysUnknown()
     drain(worker)
+    stuck = payout(client, created["id"])
+    assert stuck["status"] == "processing" and stuck["attempts"] == 3
+    task = db.execute("SELECT status, last_error FROM outbox WHERE topic = 'payout.requested'").fetchone()
+    assert task["status"] == "dead" and "timed out" in task["last_error"]
+    assert api.balance(account) == 9_300 and clearing_balance(db) == 700  # held, not refunded
+    assert_ledger_consistent(database_url)
+
+
+def test_a_task_whose_lease_ran_out_is_not_run_by_its_old_owner(client, db, funded, make_worker):
+    """A batch outlived its lease: another worker took the task; the first
+    must skip it rather than call the provider a second time."""
+    _, account = funded
+    created = request_payout(client, account, 100).get_json()
+    slow, fast = make_worker(), make_worker()
+    tasks = slow._claim()
+    payout_task = next(task for task in tasks if task.topic == "payout.requested")
+    db.execute("UPDATE outbox SET lease_expires_at = now() - interval '1 second'")
+    drain(fast)
+    assert not slow._renew(payout_task)
+    assert slow.run_once() == 0
     assert payout(client, created["id"])["status"] == "succeeded"
     assert provider_books(db, created["id"]) == (1, 1)
 
@@ -178,7 +236,7 @@ def test_payout_requests_are_idempotent_and_validated(client, funded):
     assert_error(request_payout(client, "00000000-0000-0000-0000-000000000001", 1), 404,
                  "account_not_found")
     for bad in ({"amount": 0}, {"amount": 1.5}, {"destination": {}}, {"destination": "x"},
-                {"extra": 1}):
+                {"extra": 1}, {"destination": {f"k{i}": "v" * 500 for i in range(10)}}):
         body = {"account_id": account, "amount": 5, "destination": {"iban": "x"}, **bad}
         response = client.post("/v1/payouts", json=body, headers={**JSON, "X-Idempotency-Key": new_key()})
         assert_error(response, 422, "validation_error")
@@ -269,6 +327,16 @@ def test_failed_webhook_deliveries_are_retried_with_the_same_id(client, funded, 
         webhooks.verify(endpoint["secret"], headers, body)
     stats = client.get("/v1/outbox/stats").get_json()
     assert stats["dead"] == 1 and stats["by_topic"]["webhook.deliver"] == {"dead": 1}
+
+
+def test_payouts_from_system_accounts_are_refused(client, db):
+    world = create_system_account(db)
+    assert_error(request_payout(client, world, 1), 422, "account_not_eligible")
+
+
+def test_webhook_url_scheme_is_normalised(client):
+    endpoint = register(client, "HTTPS://Example.com/Hooks", ["payout.failed"])
+    assert endpoint["url"] == "https://Example.com/Hooks"
 
 
 @pytest.mark.parametrize("bad", [{"url": "ftp://x.example"}, {"url": "not a url"},

@@ -15,6 +15,27 @@ def secret():
     return webhooks.new_secret()
 
 
+def test_the_standard_webhooks_test_vector():
+    """The published example of the Standard Webhooks specification."""
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    body = b'{"test": 2432232314}'
+    signature = webhooks.sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body)
+    assert signature == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    headers = {"webhook-id": "msg_p5jXN8AQM9LWM0D4loKWxJek", "webhook-timestamp": "1614265330",
+               "webhook-signature": signature}
+    webhooks.verify(secret, headers, body, now=1614265330)
+
+
+@pytest.mark.parametrize(("name", "value"), [("webhook-timestamp", "1_800_000_000"),
+                                             ("webhook-timestamp", " 1800000000"),
+                                             ("webhook-signature", "v1,ünïcode")])
+def test_malformed_headers_fail_cleanly(secret, name, value):
+    headers = webhooks.headers_for(secret, "evt_1", BODY, now=NOW)
+    headers[name] = value
+    with pytest.raises(webhooks.WebhookVerificationError):
+        webhooks.verify(secret, headers, BODY, now=NOW)
+
+
 def test_a_signed_delivery_verifies(secret):
     headers = webhooks.headers_for(secret, "evt_1", BODY, now=NOW)
     webhooks.verify(secret, headers, BODY, now=NOW + 10)
