@@ -9,12 +9,13 @@ from flask import Flask
 from flask_smorest import Api
 
 from payflow import __version__
-from payflow.api import accounts, errors, health, outbox, payouts, transfers, webhooks
+from payflow.api import accounts, auth, errors, health, outbox, payouts, transfers, webhooks
 from payflow.api.services import Services
 from payflow.config import Config
 from payflow.db import create_pool
 from payflow.idempotency import RedisGuard
 from payflow.ledger import Ledger
+from payflow.ratelimit import RateLimiter
 
 
 def create_app(config: Config | Mapping | None = None) -> Flask:
@@ -31,14 +32,19 @@ def create_app(config: Config | Mapping | None = None) -> Flask:
         OPENAPI_VERSION="3.0.3",
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
+        API_SPEC_OPTIONS={"security": [{"bearerAuth": []}]},
     )
     api = Api(app, spec_kwargs={"info": {"description": "A double-entry payment ledger. "
                                          "Money is an integer count of minor units."}})
     for module in (accounts, transfers, payouts, webhooks, outbox, health):
         api.register_blueprint(module.blueprint)
     errors.register(app)  # after Api(), which registers a handler of its own
+    auth.register(app)
+    api.spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer",
+                                                       "description": "pf_live_... API key"})
 
     pool = create_pool(config)
     guard = RedisGuard(config)
-    app.extensions["payflow"] = Services(config, pool, guard, Ledger(config, pool, guard))
+    app.extensions["payflow"] = Services(config, pool, guard, Ledger(config, pool, guard),
+                                         RateLimiter(config, guard))
     return app

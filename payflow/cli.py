@@ -92,6 +92,54 @@ def serve() -> None:
                               "payflow.app:create_app()"])
 
 
+def _database(environ):
+    import psycopg
+    from psycopg.rows import dict_row
+
+    return psycopg.connect(environ["PAYFLOW_DATABASE_URL"], autocommit=True, row_factory=dict_row)
+
+
+@main.group()
+def keys() -> None:
+    """API keys: create (the secret is printed once), list, revoke."""
+
+
+@keys.command("create")
+@click.option("--name", required=True)
+@click.option("--scope", "scopes", multiple=True, required=True,
+              type=click.Choice(["read", "transfers:write", "admin"]),
+              help="Repeat for several scopes.")
+def keys_create(name: str, scopes: tuple[str, ...]) -> None:
+    """Create a key; its secret is shown now and never again."""
+    from payflow import apikeys
+
+    with runner.server_environment(need_redis=False) as environ, _database(environ) as conn:
+        key_id, secret = apikeys.create(conn, name, list(scopes))
+    click.echo(f"id:     {key_id}\nsecret: {secret}\n(store the secret now: only its hash is kept)")
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """Every key: id, name, scopes, prefix, created, revoked."""
+    from payflow import apikeys
+
+    with runner.server_environment(need_redis=False) as environ, _database(environ) as conn:
+        for key in apikeys.list_keys(conn):
+            click.echo(json.dumps(key, default=str))
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key; it stops working at once."""
+    from payflow import apikeys
+
+    with runner.server_environment(need_redis=False) as environ, _database(environ) as conn:
+        revoked = apikeys.revoke(conn, key_id)
+    click.echo("revoked" if revoked else "no live key with this id")
+    sys.exit(0 if revoked else 1)
+
+
 @main.command()
 def worker() -> None:
     """Run an outbox worker (payouts, webhooks) until SIGTERM; start as many as you like."""
@@ -107,19 +155,12 @@ def outbox() -> None:
     """The outbox task queue."""
 
 
-def _outbox_connection(environ):
-    import psycopg
-    from psycopg.rows import dict_row
-
-    return psycopg.connect(environ["PAYFLOW_DATABASE_URL"], autocommit=True, row_factory=dict_row)
-
-
 @outbox.command("stats")
 def outbox_stats() -> None:
     """Counts by status and topic, oldest pending age, dead tasks."""
     from payflow import outbox as queue
 
-    with runner.server_environment(need_redis=False) as environ, _outbox_connection(environ) as conn:
+    with runner.server_environment(need_redis=False) as environ, _database(environ) as conn:
         click.echo(json.dumps(queue.stats(conn), indent=2))
 
 
@@ -130,7 +171,7 @@ def outbox_list(status: str, limit: int) -> None:
     """The newest tasks of one status (dead by default), with their last error."""
     from payflow import outbox as queue
 
-    with runner.server_environment(need_redis=False) as environ, _outbox_connection(environ) as conn:
+    with runner.server_environment(need_redis=False) as environ, _database(environ) as conn:
         for task in queue.list_tasks(conn, status, limit):
             click.echo(json.dumps(task, default=str))
 
@@ -141,7 +182,7 @@ def outbox_retry_dead(task_id: int | None) -> None:
     """Put dead tasks back in the queue, attempts reset."""
     from payflow import outbox as queue
 
-    with runner.server_environment(need_redis=False) as environ, _outbox_connection(environ) as conn:
+    with runner.server_environment(need_redis=False) as environ, _database(environ) as conn:
         ids = queue.retry_dead(conn, task_id)
     click.echo(f"{len(ids)} task(s) queued again: {ids}")
 

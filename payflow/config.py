@@ -44,6 +44,7 @@ class Config:
 
     # Requests.
     request_body_bytes_max: int = 1024 * 1024
+    rate_limit_requests_per_minute: int = 6000  # per API key; 0 turns it off
 
     # Audit behind /health.
     audit_max_age_ms: int = 1000

@@ -29,6 +29,25 @@ class ApiError(PayflowError):
         self.details = details or {}
 
 
+class Unauthorized(ApiError):
+    """Send a valid API key: Authorization: Bearer pf_live_..."""
+
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ApiError):
+    """This API key lacks the scope this request needs."""
+
+    status, code = 403, "forbidden"
+
+
+class RateLimited(ApiError):
+    """Too many requests for this API key; retry later."""
+
+    status, code = 429, "rate_limited"
+    retry_after_seconds = 1
+
+
 class InvalidJson(ApiError):
     """The request body is not valid JSON."""
 

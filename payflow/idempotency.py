@@ -121,6 +121,21 @@ class RedisGuard:
         except redis.RedisError as error:
             self._failed(error)  # the lock expires by itself
 
+    def count_in_window(self, name: str, window_seconds: int) -> int | None:
+        """Increments a counter that expires with its window; None when Redis
+        is unavailable (callers fail open)."""
+        if not self._available():
+            return None
+        try:
+            pipeline = self._client.pipeline(transaction=False)
+            pipeline.incr(name)
+            pipeline.expire(name, window_seconds)  # the name carries its window: no drift
+            count, _ = pipeline.execute()
+        except redis.RedisError as error:
+            self._failed(error)
+            return None
+        return count
+
     def ping(self) -> str:
         """'ok', 'down' or 'not configured', for /ready."""
         if self._client is None:

@@ -35,6 +35,8 @@ class Outcome:
 class IdempotentRequest:
     key: str | None
     fingerprint: str | None
+    scope: str | None = None  # the caller's API key id; None: the configured default
+    owner: str | None = None  # the caller's key id when not admin: it may move only its money
 
 
 class Ledger:
@@ -46,9 +48,11 @@ class Ledger:
     # -- writes ---------------------------------------------------------------
 
     def create_account(self, request: IdempotentRequest, name: str, currency: str,
-                       overdraft_limit: int | None, is_system: bool = False) -> Outcome:
+                       overdraft_limit: int | None, is_system: bool = False,
+                       owner: str | None = None) -> Outcome:
+        """owner: the key the account belongs to (the creating key)."""
         params = {"name": name, "currency": currency, "overdraft_limit": overdraft_limit,
-                  "is_system": is_system}
+                  "is_system": is_system, "owner": owner}
         return self._idempotent("create_account", request, params)
 
     def post_transfer(self, request: IdempotentRequest, transfer: dict, kind: str = "transfer") -> Outcome:
@@ -60,16 +64,18 @@ class Ledger:
             "currency": transfer.get("currency"),
             "description": transfer.get("description"),
             "metadata": Jsonb(transfer.get("metadata") or {}),
+            "owner": request.owner,
         }
         return self._idempotent("post_transfer", request, params)
 
     def create_payout(self, request: IdempotentRequest, payout: dict) -> Outcome:
         params = {"account_id": payout["account_id"], "amount": payout["amount"],
-                  "currency": payout.get("currency"), "destination": Jsonb(payout["destination"])}
+                  "currency": payout.get("currency"), "destination": Jsonb(payout["destination"]),
+                  "owner": request.owner}
         return self._idempotent("create_payout", request, params)
 
     def _idempotent(self, query_name: str, request: IdempotentRequest, params: dict) -> Outcome:
-        scope = self._config.idempotency_scope
+        scope = request.scope or self._config.idempotency_scope
         params = {**params, "scope": scope, "key": request.key, "fingerprint": request.fingerprint,
                   "ttl_seconds": self._config.idempotency_key_ttl_seconds}
         if request.key is None:
@@ -124,26 +130,31 @@ class Ledger:
         with wrap_errors(), self._pool.connection() as conn:
             return conn.execute(queries[query_name], params).fetchall()
 
-    def account(self, account_id: str) -> str:
-        return self._body("account_json", account_id, errors.AccountNotFound)
+    def account(self, account_id: str, owner: str | None) -> str:
+        return self._body("account_json", account_id, owner, errors.AccountNotFound)
 
-    def transfer(self, transfer_id: str) -> str:
-        return self._body("transfer_json", transfer_id, errors.TransferNotFound)
+    def transfer(self, transfer_id: str, owner: str | None) -> str:
+        return self._body("transfer_json", transfer_id, owner, errors.TransferNotFound)
 
-    def payout(self, payout_id: str) -> str:
-        return self._body("payout_json", payout_id, errors.PayoutNotFound)
+    def payout(self, payout_id: str, owner: str | None) -> str:
+        return self._body("payout_json", payout_id, owner, errors.PayoutNotFound)
 
-    def _body(self, query_name: str, raw_id: str, not_found: Callable[[], errors.ApiError]) -> str:
+    def _body(self, query_name: str, raw_id: str, owner: str | None,
+              not_found: Callable[[], errors.ApiError]) -> str:
+        """The resource's JSON; another owner's resource is not found (404, not 403)."""
         resource_id = parse_uuid(raw_id)
-        row = self._read(query_name, {"id": resource_id}) if resource_id else None
+        row = self._read(query_name, {"id": resource_id, "owner": owner}) if resource_id else None
         if row is None:
             raise not_found()
         return row["body"]
 
-    def entries_page(self, raw_account_id: str, limit: int, cursor: str | None) -> dict:
+    def entries_page(self, raw_account_id: str, limit: int, cursor: str | None,
+                     owner: str | None) -> dict:
         account_id = parse_uuid(raw_account_id)
         before_id = decode_cursor(cursor) if cursor else None
-        if account_id is None or not self._read("account_exists", {"id": account_id})["found"]:
+        visible = account_id is not None and \
+            self._read("account_exists", {"id": account_id, "owner": owner})["found"]
+        if not visible:
             raise errors.AccountNotFound()
         rows = self._read_all("entries_page", {"account_id": account_id, "before_id": before_id,
                                                "limit": limit})

@@ -72,13 +72,14 @@ def run_service(seed_demo: bool = True) -> int:
         migrations.migrate(database_url)
         accounts = seed.seed(Config.load(environ=environ)) if seed_demo else []
         config = Config.load(environ=environ)
+        api_key = _dev_api_key(database_url)
         gunicorn = _child([sys.executable, "-m", "gunicorn", "-c", str(CHECKOUT / "gunicorn.conf.py"),
                            "payflow.app:create_app()"], environ)
         worker = _child([sys.executable, "-m", "payflow", "worker"], environ)
         try:
             if not _wait_listening(gunicorn, config.host, config.port):
                 return gunicorn.wait()
-            _print_welcome(config, database_url, accounts)
+            _print_welcome(config, database_url, accounts, api_key)
             return gunicorn.wait()
         except KeyboardInterrupt:
             print("\nstopping payflow (in-flight requests finish first)...", file=sys.stderr)
@@ -128,9 +129,29 @@ def _stop_gracefully(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def _print_welcome(config, database_url: str, accounts) -> None:
+def _dev_api_key(database_url: str) -> str:
+    """The admin key `make run` prints, kept (0600) in the data folder and
+    reused while it still works; a new one when it does not."""
+    import psycopg
+    from psycopg.rows import dict_row
+
+    from payflow import apikeys
+
+    path = home() / "dev-api-key"
+    with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
+        if path.exists() and apikeys.authenticate(conn, path.read_text().strip()):
+            return path.read_text().strip()
+        _, secret = apikeys.create(conn, "make run (dev)", ["admin"])
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(secret)
+    return secret
+
+
+def _print_welcome(config, database_url: str, accounts, api_key: str) -> None:
     base = f"http://{config.host}:{config.port}"
     print(f"\npayflow is serving on {base}  (database: {database_url}, data: {home()})")
+    print(f"\nAPI key (admin, for this machine only): {api_key}")
     if accounts:
         print("\nAccounts:")
         for account in accounts:
@@ -139,11 +160,12 @@ def _print_welcome(config, database_url: str, accounts) -> None:
         target = next(a for a in accounts if a.name == "Bob")
         print(f"""
 Try:
-  curl -X POST {base}/v1/transfers -H 'Content-Type: application/json' \\
-       -H 'X-Idempotency-Key: tx-101' \\
+  export PAYFLOW_KEY={api_key}
+  curl -X POST {base}/v1/transfers -H "Authorization: Bearer $PAYFLOW_KEY" \\
+       -H 'Content-Type: application/json' -H 'X-Idempotency-Key: tx-101' \\
        -d '{{"from_account_id":"{source.id}","to_account_id":"{target.id}","amount":5000}}'
-  curl {base}/v1/accounts/{source.id}
-  curl {base}/v1/accounts/{source.id}/entries
+  curl -H "Authorization: Bearer $PAYFLOW_KEY" {base}/v1/accounts/{source.id}
+  curl -H "Authorization: Bearer $PAYFLOW_KEY" {base}/v1/accounts/{source.id}/entries
   curl {base}/health
 """)
     print("Ctrl-C stops everything.", flush=True)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from flask.testing import FlaskClient
+from werkzeug.datastructures import Headers
 
 from payflow import embedded, migrations
 from payflow.app import create_app
@@ -135,10 +137,39 @@ def config(database_url, servers) -> Config:
     return make_config(database_url, servers["redis"])
 
 
-@pytest.fixture
-def app(config):
+class KeyedClient(FlaskClient):
+    """Flask's test client, sending the app's test API key unless told otherwise."""
+
+    def open(self, *args, **kwargs):
+        api_key = self.application.config.get("TEST_API_KEY")
+        headers = Headers(kwargs.pop("headers", None) or {})
+        if api_key and "Authorization" not in headers:
+            headers["Authorization"] = f"Bearer {api_key}"
+        return super().open(*args, headers=headers, **kwargs)
+
+
+def new_api_key(database_url: str, scopes=("admin",), name: str = "test") -> tuple[str, str]:
+    """(key id, secret) of a new API key in that database."""
+    from psycopg.rows import dict_row
+
+    from payflow import apikeys
+
+    with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
+        return apikeys.create(conn, name, list(scopes))
+
+
+def make_app(config: Config, scopes=("admin",)):
+    """create_app, plus an API key its test clients send."""
     app = create_app(config)
     app.testing = True
+    app.test_client_class = KeyedClient
+    app.config["TEST_API_KEY_ID"], app.config["TEST_API_KEY"] = new_api_key(config.database_url, scopes)
+    return app
+
+
+@pytest.fixture
+def app(config):
+    app = make_app(config)
     yield app
     app.extensions["payflow"].close()
 
@@ -198,6 +229,8 @@ def live_server(servers, template_database, test_home):
     """One gunicorn for the session, on its own database."""
     url = create_database(servers, template_database)
     server = Gunicorn(url, servers["redis"], test_home / "gunicorn.log")
-    yield {"base_url": server.base_url, "database_url": url, "process": server.process}
+    _, api_key = new_api_key(url)
+    yield {"base_url": server.base_url, "database_url": url, "process": server.process,
+           "api_key": api_key}
     server.stop()
     drop_database(servers, url)

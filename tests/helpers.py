@@ -89,20 +89,30 @@ def table_counts(db: psycopg.Connection) -> dict[str, int]:
 class HttpClient:
     """A keep-alive HTTP/1.1 client for one thread, against a live server."""
 
-    def __init__(self, base_url: str, timeout_seconds: float = 30) -> None:
+    def __init__(self, base_url: str, api_key: str | None = None, timeout_seconds: float = 30) -> None:
         import http.client
         from urllib.parse import urlsplit
 
         parts = urlsplit(base_url)
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._connection = http.client.HTTPConnection(parts.hostname, parts.port,
                                                       timeout=timeout_seconds)
 
     def request(self, method: str, path: str, body: dict | None = None,
                 headers: dict | None = None) -> tuple[int, dict, dict | None]:
+        import http.client
+
         payload = json.dumps(body) if body is not None else None
-        all_headers = {**(JSON if body is not None else {}), **(headers or {})}
-        self._connection.request(method, path, body=payload, headers=all_headers)
-        response = self._connection.getresponse()
+        all_headers = {**self._auth, **(JSON if body is not None else {}), **(headers or {})}
+        try:
+            self._connection.request(method, path, body=payload, headers=all_headers)
+            response = self._connection.getresponse()
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            # The server closed an idle keep-alive connection: a new one. (Safe to
+            # resend: our POSTs carry idempotency keys.)
+            self._connection.close()
+            self._connection.request(method, path, body=payload, headers=all_headers)
+            response = self._connection.getresponse()
         raw = response.read()
         parsed = json.loads(raw) if raw else None
         return response.status, dict(response.getheaders()), parsed

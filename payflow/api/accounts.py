@@ -8,6 +8,7 @@ from flask import Response, request
 from flask_smorest import Blueprint
 
 from payflow import schemas
+from payflow.api.auth import caller, requires
 from payflow.api.requests import json_body, json_text_response, load, outcome_response
 from payflow.api.services import services
 
@@ -16,24 +17,28 @@ blueprint = Blueprint("accounts", __name__, url_prefix="/v1/accounts",
 
 
 @blueprint.route("", methods=["POST"])
+@requires("transfers:write")
 @blueprint.response(201, schemas.AccountSchema)
 @blueprint.alt_response(422, schema=schemas.ApiErrorSchema, description="Validation error")
 @json_body(blueprint, schemas.AccountCreateSchema, idempotency_key="optional")
 def create_account(body, idempotent_request) -> Response:
     outcome = services().ledger.create_account(
-        idempotent_request, body["name"], body["currency"], body["overdraft_limit"]
+        idempotent_request, body["name"], body["currency"], body["overdraft_limit"],
+        owner=caller().key_id,
     )
     return outcome_response(outcome)
 
 
 @blueprint.route("/<account_id>", methods=["GET"])
+@requires("read")
 @blueprint.response(200, schemas.AccountSchema)
 @blueprint.alt_response(404, schema=schemas.ApiErrorSchema, description="No such account")
 def get_account(account_id: str) -> Response:
-    return json_text_response(services().ledger.account(account_id))
+    return json_text_response(services().ledger.account(account_id, caller().owner))
 
 
 @blueprint.route("/<account_id>/entries", methods=["GET"])
+@requires("read")
 @blueprint.doc(parameters=[
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
                                                 "maximum": schemas.PAGE_SIZE_MAX}},
@@ -43,5 +48,5 @@ def get_account(account_id: str) -> Response:
 @blueprint.alt_response(404, schema=schemas.ApiErrorSchema, description="No such account")
 def list_entries(account_id: str) -> Response:
     query = load(schemas.PageQuerySchema(), request.args.to_dict())
-    page = services().ledger.entries_page(account_id, query["limit"], query["cursor"])
+    page = services().ledger.entries_page(account_id, query["limit"], query["cursor"], caller().owner)
     return json_text_response(json.dumps(page))

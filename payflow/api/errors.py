@@ -33,8 +33,11 @@ def error_response(status: int, code: str, message: str, details: dict | None = 
 
 
 def _api_error(error: errors.ApiError) -> Response:
-    return error_response(error.status, error.code, error.message, error.details,
-                          error.retry_after_seconds)
+    response = error_response(error.status, error.code, error.message, error.details,
+                              error.retry_after_seconds)
+    if isinstance(error, errors.Unauthorized):
+        response.headers["WWW-Authenticate"] = 'Bearer realm="payflow"'
+    return response
 
 
 def _http_error(error: HTTPException) -> Response:

@@ -15,6 +15,7 @@ blueprint = Blueprint("health", __name__, description="Ledger integrity and read
 
 
 @blueprint.route("/health", methods=["GET"])
+@blueprint.doc(security=[])
 @blueprint.response(200, schemas.HealthSchema)
 @blueprint.alt_response(503, schema=schemas.HealthSchema, description="Unhealthy, with the reason")
 def health() -> Response:
@@ -23,6 +24,7 @@ def health() -> Response:
 
 
 @blueprint.route("/ready", methods=["GET"])
+@blueprint.doc(security=[])
 @blueprint.response(200, schemas.ReadySchema)
 @blueprint.alt_response(503, schema=schemas.ReadySchema, description="PostgreSQL does not answer")
 def ready() -> Response:

@@ -8,6 +8,7 @@ from flask import Response
 from flask_smorest import Blueprint
 
 from payflow import schemas
+from payflow.api.auth import caller, requires
 from payflow.api.requests import json_body, json_text_response, outcome_response
 from payflow.api.services import services
 
@@ -16,6 +17,7 @@ blueprint = Blueprint("payouts", __name__, url_prefix="/v1/payouts",
 
 
 @blueprint.route("", methods=["POST"])
+@requires("transfers:write")
 @blueprint.response(202, schemas.PayoutSchema)
 @blueprint.alt_response(404, schema=schemas.ApiErrorSchema, description="account_not_found")
 @blueprint.alt_response(409, schema=schemas.ApiErrorSchema, description="idempotency_key_in_use")
@@ -31,8 +33,9 @@ def create_payout(body, idempotent_request) -> Response:
 
 
 @blueprint.route("/<payout_id>", methods=["GET"])
+@requires("read")
 @blueprint.response(200, schemas.PayoutSchema)
 @blueprint.alt_response(404, schema=schemas.ApiErrorSchema, description="No such payout")
 def get_payout(payout_id: str) -> Response:
     """pending → processing → succeeded | failed (with failure_reason; the money is returned)."""
-    return json_text_response(services().ledger.payout(payout_id))
+    return json_text_response(services().ledger.payout(payout_id, caller().owner))

@@ -11,6 +11,7 @@ from flask import Response, request
 from marshmallow import Schema, ValidationError
 
 from payflow import errors, idempotency
+from payflow.api.auth import caller
 from payflow.ledger import IdempotentRequest, Outcome
 
 # An integer literal this long is far past any bigint; parsing it exactly
@@ -61,7 +62,11 @@ def json_body(blueprint, schema_class: type[Schema], idempotency_key: str):
             key = idempotency.key_from_headers(request.headers, required=required) if honoured else None
             body = load(schema, raw)
             fingerprint = idempotency.fingerprint(request.method, request.path, raw) if key else None
-            return view(body, IdempotentRequest(key, fingerprint), *args, **kwargs)
+            who = caller()
+            # Idempotency keys are scoped per API key: two callers' keys never collide.
+            idempotent = IdempotentRequest(key, fingerprint, scope=who.key_id if who else None,
+                                           owner=who.owner if who else None)
+            return view(body, idempotent, *args, **kwargs)
 
         header = {"name": "X-Idempotency-Key", "in": "header", "required": required,
                   "schema": {"type": "string", "minLength": 1, "maxLength": 255},

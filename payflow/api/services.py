@@ -11,6 +11,7 @@ from flask import current_app
 from payflow.config import Config
 from payflow.idempotency import RedisGuard
 from payflow.ledger import Ledger
+from payflow.ratelimit import RateLimiter
 
 
 @dataclass
@@ -19,6 +20,7 @@ class Services:
     pool: psycopg_pool.ConnectionPool
     guard: RedisGuard
     ledger: Ledger
+    rate_limiter: RateLimiter
 
     def ping_database(self) -> str:
         try:

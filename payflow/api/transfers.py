@@ -6,6 +6,7 @@ from flask import Response
 from flask_smorest import Blueprint
 
 from payflow import schemas
+from payflow.api.auth import caller, requires
 from payflow.api.requests import json_body, json_text_response, outcome_response
 from payflow.api.services import services
 
@@ -14,6 +15,7 @@ blueprint = Blueprint("transfers", __name__, url_prefix="/v1/transfers",
 
 
 @blueprint.route("", methods=["POST"])
+@requires("transfers:write")
 @blueprint.response(201, schemas.TransferSchema)
 @blueprint.alt_response(404, schema=schemas.ApiErrorSchema, description="account_not_found")
 @blueprint.alt_response(409, schema=schemas.ApiErrorSchema, description="idempotency_key_in_use")
@@ -26,7 +28,8 @@ def create_transfer(body, idempotent_request) -> Response:
 
 
 @blueprint.route("/<transfer_id>", methods=["GET"])
+@requires("read")
 @blueprint.response(200, schemas.TransferSchema)
 @blueprint.alt_response(404, schema=schemas.ApiErrorSchema, description="No such transfer")
 def get_transfer(transfer_id: str) -> Response:
-    return json_text_response(services().ledger.transfer(transfer_id))
+    return json_text_response(services().ledger.transfer(transfer_id, caller().owner))

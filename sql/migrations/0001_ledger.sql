@@ -2,6 +2,18 @@
 -- and idempotency keys. Every rule the code enforces is repeated here as a
 -- constraint or trigger, so a bug or a hand-written UPDATE cannot break it.
 
+-- Callers. Only a hash of each secret is kept; the secret is shown once.
+CREATE TABLE api_keys (
+    id            uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    name          text NOT NULL CHECK (char_length(name) BETWEEN 1 AND 100),
+    scopes        text[] NOT NULL CHECK (cardinality(scopes) >= 1
+                                         AND scopes <@ ARRAY['read', 'transfers:write', 'admin']),
+    secret_sha256 bytea NOT NULL UNIQUE CHECK (octet_length(secret_sha256) = 32),
+    prefix        text NOT NULL CHECK (char_length(prefix) <= 20),  -- shown in lists
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    revoked_at    timestamptz
+);
+
 CREATE TABLE accounts (
     id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     name            text NOT NULL CHECK (char_length(name) BETWEEN 1 AND 200),
@@ -12,6 +24,9 @@ CREATE TABLE accounts (
     overdraft_limit bigint CHECK (overdraft_limit >= 0),
     is_system       boolean NOT NULL DEFAULT false,
     version         bigint NOT NULL DEFAULT 0 CHECK (version >= 0),
+    -- The key that created it: a key without admin scope sees and moves only
+    -- the money of accounts it owns.
+    owner_key_id    uuid REFERENCES api_keys (id),
     created_at      timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT accounts_overdraft_limit CHECK (overdraft_limit IS NULL OR balance >= -overdraft_limit),
     CONSTRAINT accounts_unlimited_only_system CHECK (overdraft_limit IS NOT NULL OR is_system),

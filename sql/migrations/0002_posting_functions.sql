@@ -113,6 +113,7 @@ END $$;
 CREATE FUNCTION payflow_create_account_v1(
     p_scope text, p_key text, p_fingerprint text, p_ttl_seconds integer,
     p_name text, p_currency text, p_overdraft_limit bigint, p_is_system boolean,
+    p_owner uuid DEFAULT NULL,
     OUT outcome text, OUT status integer, OUT body text)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -123,8 +124,8 @@ BEGIN
     IF outcome <> 'new' THEN
         RETURN;
     END IF;
-    INSERT INTO accounts (name, currency, overdraft_limit, is_system)
-    VALUES (p_name, p_currency, p_overdraft_limit, p_is_system)
+    INSERT INTO accounts (name, currency, overdraft_limit, is_system, owner_key_id)
+    VALUES (p_name, p_currency, p_overdraft_limit, p_is_system, p_owner)
     RETURNING * INTO created;
     outcome := 'created';
     status := 201;
@@ -134,13 +135,18 @@ END $$;
 
 -- The business checks of a transfer, on the locked rows. NULL when it may go
 -- ahead, else {status, body} of the refusal (a 4xx stored for replay).
+-- p_owner (a caller without admin scope) may move only its own accounts' money;
+-- another owner's account is "not found", so ids cannot be probed across tenants.
 CREATE FUNCTION payflow_transfer_refusal_v1(
     source accounts, destination accounts, p_from uuid, p_to uuid,
-    p_amount bigint, p_currency text)
+    p_amount bigint, p_currency text, p_owner uuid)
 RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     bigint_max constant numeric := 9223372036854775807;
 BEGIN
+    IF p_owner IS NOT NULL AND source.owner_key_id IS DISTINCT FROM p_owner THEN
+        source := NULL;
+    END IF;
     IF source.id IS NULL OR destination.id IS NULL THEN
         RETURN jsonb_build_object('status', 404, 'body', payflow_error_json(
             'account_not_found', 'No account with this id.',
@@ -176,7 +182,7 @@ END $$;
 -- ({status, body}) when it may not go ahead, else the posted transfer.
 CREATE FUNCTION payflow_post_v1(
     p_kind text, p_from uuid, p_to uuid, p_amount bigint, p_currency text,
-    p_description text, p_metadata jsonb, p_reverses uuid,
+    p_description text, p_metadata jsonb, p_reverses uuid, p_owner uuid,
     OUT refusal jsonb, OUT posted transfers)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -192,7 +198,8 @@ BEGIN
         END IF;
     END LOOP;
 
-    refusal := payflow_transfer_refusal_v1(source, destination, p_from, p_to, p_amount, p_currency);
+    refusal := payflow_transfer_refusal_v1(source, destination, p_from, p_to, p_amount, p_currency,
+                                           p_owner);
     IF refusal IS NOT NULL THEN
         RETURN;
     END IF;
@@ -221,7 +228,7 @@ END $$;
 CREATE FUNCTION payflow_post_transfer_v1(
     p_scope text, p_key text, p_fingerprint text, p_ttl_seconds integer,
     p_kind text, p_from uuid, p_to uuid, p_amount bigint, p_currency text,
-    p_description text, p_metadata jsonb,
+    p_description text, p_metadata jsonb, p_owner uuid DEFAULT NULL,
     OUT outcome text, OUT status integer, OUT body text)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -235,7 +242,7 @@ BEGIN
 
     SELECT * INTO result
       FROM payflow_post_v1(p_kind, p_from, p_to, p_amount, p_currency, p_description,
-                           p_metadata, NULL);
+                           p_metadata, NULL, p_owner);
     IF result.refusal IS NOT NULL THEN
         outcome := 'refused';
         status := (result.refusal ->> 'status')::integer;

@@ -148,6 +148,7 @@ END $$;
 CREATE FUNCTION payflow_create_payout_v1(
     p_scope text, p_key text, p_fingerprint text, p_ttl_seconds integer,
     p_account uuid, p_amount bigint, p_currency text, p_destination jsonb,
+    p_owner uuid DEFAULT NULL,
     OUT outcome text, OUT status integer, OUT body text)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -162,7 +163,8 @@ BEGIN
         RETURN;
     END IF;
 
-    SELECT * INTO account FROM accounts WHERE id = p_account;
+    SELECT * INTO account FROM accounts
+     WHERE id = p_account AND (p_owner IS NULL OR owner_key_id = p_owner);
     IF account.id IS NULL THEN
         outcome := 'refused';
         status := 404;
@@ -177,7 +179,7 @@ BEGIN
         clearing := payflow_system_account_v1('payout_clearing', account.currency);
         SELECT * INTO result
           FROM payflow_post_v1('payout', p_account, clearing, p_amount, p_currency,
-                               'payout', '{}', NULL);
+                               'payout', '{}', NULL, p_owner);
         IF result.refusal IS NOT NULL THEN
             outcome := 'refused';
             status := (result.refusal ->> 'status')::integer;
@@ -247,7 +249,7 @@ BEGIN
       FROM payflow_post_v1('reversal',
                            payflow_system_account_v1('payout_clearing', payout.currency),
                            payout.account_id, payout.amount, payout.currency,
-                           'payout failed: returned', '{}', payout.transfer_id);
+                           'payout failed: returned', '{}', payout.transfer_id, NULL);
     IF result.refusal IS NOT NULL THEN  -- the clearing account always holds it
         RAISE EXCEPTION 'payout % cannot be reversed: %', p_payout, result.refusal
             USING ERRCODE = 'check_violation', CONSTRAINT = 'payouts_failed_reversed';

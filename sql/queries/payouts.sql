@@ -2,11 +2,14 @@
 -- Creates a payout (money to the clearing account + task), idempotently; one round trip.
 SELECT outcome, status, body
   FROM payflow_create_payout_v1(%(scope)s, %(key)s, %(fingerprint)s, %(ttl_seconds)s,
-                                %(account_id)s, %(amount)s, %(currency)s, %(destination)s);
+                                %(account_id)s, %(amount)s, %(currency)s, %(destination)s, %(owner)s);
 
 -- name: payout_json
--- One payout as its API JSON.
-SELECT payflow_payout_json(p)::text AS body FROM payouts p WHERE p.id = %(id)s;
+-- One payout as its API JSON, if the caller owns its account (owner NULL: any).
+SELECT payflow_payout_json(p)::text AS body FROM payouts p
+ WHERE p.id = %(id)s
+   AND (%(owner)s::uuid IS NULL OR EXISTS (
+        SELECT 1 FROM accounts a WHERE a.id = p.account_id AND a.owner_key_id = %(owner)s::uuid));
 
 -- name: payout_start
 -- Marks a payout processing (attempt + 1); no row when it is already finished.

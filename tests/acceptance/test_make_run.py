@@ -63,6 +63,13 @@ class Service:
                 return "".join(lines)
         raise AssertionError("make run did not start in time:\n" + "".join(lines))
 
+    @property
+    def api_key(self) -> str:
+        return re.search(r"API key \(admin, for this machine only\): (\S+)", self.output)[1]
+
+    def http(self) -> HttpClient:
+        return HttpClient(f"http://127.0.0.1:{self.port}", self.api_key)
+
     def account_id(self, name: str) -> str:
         return re.search(rf"^\s+{name}\s+\w{{3}}\s+([0-9a-f-]{{36}})", self.output, re.MULTILINE)[1]
 
@@ -119,7 +126,7 @@ def test_make_run_serves_the_readme_walkthrough_and_stops_on_ctrl_c(run_home):
     service = Service(["make", "--no-print-directory", "run"], run_home)
     try:
         alice, bob = service.account_id("Alice"), service.account_id("Bob")
-        http = HttpClient(f"http://127.0.0.1:{service.port}")
+        http = service.http()
         first = http.transfer(alice, bob, 5000, key="tx-101")
         again = http.transfer(alice, bob, 5000, key="tx-101")
         assert first[0] == again[0] == 201 and first[2] == again[2]
@@ -147,7 +154,7 @@ def test_data_survives_a_restart_and_sigterm_then_sigkill_leave_nothing(run_home
     command = [sys.executable, "-m", "payflow", "run"]
     service = Service(command, run_home)
     alice, bob = service.account_id("Alice"), service.account_id("Bob")
-    http = HttpClient(f"http://127.0.0.1:{service.port}")
+    http = service.http()
     assert http.transfer(alice, bob, 123, key="survives")[0] == 201
     http.close()
     service.process.send_signal(signal.SIGTERM)
@@ -155,9 +162,11 @@ def test_data_survives_a_restart_and_sigterm_then_sigkill_leave_nothing(run_home
     assert service.process.returncode == 0
     _assert_nothing_left(service)
 
+    first_key = service.api_key
     service = Service(command, run_home)
     assert service.account_id("Alice") == alice  # seeding again created nothing
-    http = HttpClient(f"http://127.0.0.1:{service.port}")
+    assert service.api_key == first_key  # the dev key is kept with the data
+    http = service.http()
     assert _processes_using(run_home), "the check must see make run's own processes"
     status, _, account = http.request("GET", f"/v1/accounts/{alice}")
     assert status == 200 and account["balance"] == 100_000_00 - 123

@@ -19,7 +19,7 @@ TRANSFERS_PER_THREAD = 200
 
 @pytest.fixture
 def http(live_server):
-    client = HttpClient(live_server["base_url"])
+    client = HttpClient(live_server["base_url"], live_server["api_key"])
     yield client
     client.close()
 
@@ -42,7 +42,7 @@ def _run_threads(live_server, plan) -> tuple[Counter, list]:
     statuses, outcomes, lock = Counter(), [], threading.Lock()
 
     def worker(index: int) -> None:
-        client = HttpClient(live_server["base_url"])
+        client = HttpClient(live_server["base_url"], live_server["api_key"])
         for source, destination, amount in plan(index):
             status, _, body = client.transfer(source, destination, amount)
             with lock:

@@ -7,14 +7,15 @@ import time
 
 import psycopg
 
-from tests.conftest import Gunicorn
+from tests.conftest import Gunicorn, new_api_key
 from tests.helpers import HttpClient, create_system_account
 
 
 def test_sigterm_lets_an_in_flight_transfer_finish(database_url, servers, test_home):
     server = Gunicorn(database_url, servers["redis"], test_home / "graceful.log",
                       PAYFLOW_LOCK_TIMEOUT_MS="10000", PAYFLOW_WEB_WORKERS="1")
-    http = HttpClient(server.base_url)
+    _, api_key = new_api_key(database_url)
+    http = HttpClient(server.base_url, api_key)
     with psycopg.connect(database_url, autocommit=True) as db:
         world = create_system_account(db)
     _, _, account = http.request("POST", "/v1/accounts", {"name": "a", "currency": "USD"})
@@ -22,8 +23,8 @@ def test_sigterm_lets_an_in_flight_transfer_finish(database_url, servers, test_h
     with psycopg.connect(database_url) as blocker:
         # Hold the account's row lock so the transfer waits inside the server.
         blocker.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", (account["id"],))
-        request = threading.Thread(
-            target=lambda: results.append(HttpClient(server.base_url).transfer(world, account["id"], 42)))
+        client = HttpClient(server.base_url, api_key)
+        request = threading.Thread(target=lambda: results.append(client.transfer(world, account["id"], 42)))
         request.start()
         time.sleep(0.5)  # the request is now waiting on the lock
         server.process.terminate()

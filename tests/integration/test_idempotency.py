@@ -9,8 +9,7 @@ import psycopg
 import pytest
 
 from payflow import embedded
-from payflow.app import create_app
-from tests.conftest import make_config
+from tests.conftest import make_app, make_config
 from tests.helpers import (
     JSON,
     Api,
@@ -107,13 +106,14 @@ def test_a_key_expires_after_its_ttl(funded, db):
     assert again.status_code == 201 and "Idempotent-Replayed" not in again.headers
 
 
-def test_a_running_request_holds_its_key_in_the_database(funded, database_url):
+def test_a_running_request_holds_its_key_in_the_database(funded, database_url, app):
     """The database decides: while a transaction executes a key (its advisory
     lock held), the same key is 409; once it ends, the key is free again."""
     api, source, destination = funded
     key = new_key()
     with psycopg.connect(database_url) as other:
-        other.execute("SELECT payflow_idempotency_begin_v1('default', %s, %s)", (key, "0" * 64))
+        other.execute("SELECT payflow_idempotency_begin_v1(%s, %s, %s)",
+                      (app.config["TEST_API_KEY_ID"], key, "0" * 64))
         # Redis knows nothing of this one (a different process): the DB answers.
         response = api.transfer(source, destination, 100, key=key)
         assert_error(response, 409, "idempotency_key_in_use")
@@ -127,7 +127,7 @@ def test_an_orphaned_redis_lock_still_replays_a_completed_request(funded, app):
     key = new_key()
     first = api.transfer(source, destination, 100, key=key)
     guard = app.extensions["payflow"].guard
-    lock = guard.acquire("default", key)  # a process that died holding the lock
+    lock = guard.acquire(app.config["TEST_API_KEY_ID"], key)  # a process that died holding it
     assert lock.acquired
     again = api.transfer(source, destination, 100, key=key)
     assert again.headers["Idempotent-Replayed"] == "true" and again.get_data() == first.get_data()
@@ -140,7 +140,7 @@ def test_concurrent_requests_with_one_key_execute_once(live_server):
 
 
 def _race_one_key(live_server, threads: int) -> list:
-    setup = HttpClient(live_server["base_url"])
+    setup = HttpClient(live_server["base_url"], live_server["api_key"])
     with psycopg.connect(live_server["database_url"], autocommit=True) as db:
         world = create_system_account(db)
     _, _, source = setup.request("POST", "/v1/accounts", {"name": "s", "currency": "USD"})
@@ -149,7 +149,7 @@ def _race_one_key(live_server, threads: int) -> list:
     key, barrier, results = new_key(), threading.Barrier(threads), []
 
     def one() -> None:
-        client = HttpClient(live_server["base_url"])
+        client = HttpClient(live_server["base_url"], live_server["api_key"])
         barrier.wait()
         results.append(client.transfer(source["id"], destination["id"], 10, key=key))
         client.close()
@@ -187,7 +187,7 @@ def redis_down_app(database_url, test_home):
     """An app whose Redis is a real server, stopped before the requests."""
     redis_server = embedded.EmbeddedRedis(test_home / f"redis-{new_key()}")
     redis_server.start()
-    app = create_app(make_config(database_url, redis_server.url, redis_timeout_ms=100))
+    app = make_app(make_config(database_url, redis_server.url, redis_timeout_ms=100))
     redis_server.stop()
     yield app
     app.extensions["payflow"].close()

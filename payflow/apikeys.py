@@ -1,0 +1,75 @@
+"""API keys: `pf_live_…` secrets shown once; only their sha256 is stored.
+
+A secret carries 256 random bits, so a fast hash is enough (nothing to brute
+force); the lookup is by hash, and the hash found is compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+import psycopg
+
+from payflow.queries import queries
+
+SECRET_PREFIX = "pf_live_"
+SCOPES = ("read", "transfers:write", "admin")
+SECRET_CHARS_MAX = 200
+
+
+@dataclass(frozen=True)
+class Caller:
+    key_id: str
+    name: str
+    scopes: frozenset[str]
+
+    @property
+    def is_admin(self) -> bool:
+        return "admin" in self.scopes
+
+    @property
+    def owner(self) -> str | None:
+        """The owner to filter on: None (everything) for an admin key."""
+        return None if self.is_admin else self.key_id
+
+    def may(self, scope: str) -> bool:
+        # admin may do anything; transfers:write includes reading.
+        return self.is_admin or scope in self.scopes or (scope == "read" and "transfers:write" in self.scopes)
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def create(conn: psycopg.Connection, name: str, scopes: list[str]) -> tuple[str, str]:
+    """Returns (key id, secret). The secret is not stored: show it once."""
+    unknown = set(scopes) - set(SCOPES)
+    if unknown or not scopes:
+        raise ValueError(f"scopes must be among {', '.join(SCOPES)}")
+    secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+    row = conn.execute(queries["create_api_key"], {
+        "name": name, "scopes": sorted(set(scopes)), "secret_sha256": _digest(secret),
+        "prefix": secret[: len(SECRET_PREFIX) + 4]}).fetchone()
+    key_id = row["id"] if isinstance(row, dict) else row[0]
+    return str(key_id), secret
+
+
+def authenticate(conn: psycopg.Connection, secret: str) -> Caller | None:
+    if not secret.startswith(SECRET_PREFIX) or len(secret) > SECRET_CHARS_MAX:
+        return None
+    digest = _digest(secret)
+    row = conn.execute(queries["authenticate_api_key"], {"secret_sha256": digest}).fetchone()
+    if row is None or not hmac.compare_digest(bytes(row["secret_sha256"]), digest):
+        return None
+    return Caller(str(row["id"]), row["name"], frozenset(row["scopes"]))
+
+
+def list_keys(conn: psycopg.Connection) -> list[dict]:
+    return conn.execute(queries["list_api_keys"]).fetchall()
+
+
+def revoke(conn: psycopg.Connection, key_id: str) -> bool:
+    return conn.execute(queries["revoke_api_key"], {"id": key_id}).fetchone() is not None
