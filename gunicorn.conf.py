@@ -1,9 +1,17 @@
 # gunicorn settings for the payflow API; every value comes from PAYFLOW_* variables.
 import os
+import shutil
+import tempfile
 
 from payflow.config import Config
 
 _config = Config.load()
+
+# Prometheus multiprocess mode: each worker writes its samples under this
+# folder and /metrics adds them up. Set here, in the master, before any worker
+# imports prometheus_client; a fresh folder per server start.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="payflow-metrics-")
 
 bind = f"{_config.host}:{_config.port}"
 # gthread: each process serves `threads` requests at once with one small pool;
@@ -17,10 +25,32 @@ timeout = 30
 keepalive = 5
 # Each worker builds its own app (and its pool) after the fork.
 preload_app = False
-# PAYFLOW_ACCESS_LOG="" turns the access log off (benchmarks, tests).
-accesslog = os.environ.get("PAYFLOW_ACCESS_LOG", "-") or None
+# payflow logs one JSON line per request itself; gunicorn's access log is off
+# unless PAYFLOW_ACCESS_LOG names a file ("-" for stdout).
+accesslog = os.environ.get("PAYFLOW_ACCESS_LOG") or None
 errorlog = "-"
 loglevel = "info"
+# gunicorn's own lines in the same JSON shape as payflow's.
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "payflow.logs.formatter"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
+                            "stream": "ext://sys.stderr"}},
+    "root": {"level": "INFO", "handlers": ["stderr"]},
+    "loggers": {"gunicorn.error": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
+                "gunicorn.access": {"handlers": ["stderr"], "level": "INFO", "propagate": False}},
+}
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def worker_exit(server, worker):

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 
 from flask import Flask
 from flask_smorest import Api
 
-from payflow import __version__
-from payflow.api import accounts, auth, errors, health, outbox, payouts, transfers, webhooks
+from payflow import __version__, logs
+from payflow.api import (
+    accounts,
+    auth,
+    errors,
+    health,
+    metrics,
+    observability,
+    outbox,
+    payouts,
+    transfers,
+    webhooks,
+)
 from payflow.api.services import Services
 from payflow.config import Config
 from payflow.db import create_pool
@@ -22,7 +32,7 @@ def create_app(config: Config | Mapping | None = None) -> Flask:
     config = config if isinstance(config, Config) else Config.load(config)
     if not config.database_url:
         raise RuntimeError("PAYFLOW_DATABASE_URL is not set (make run sets it for you)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure()
 
     app = Flask("payflow")
     app.config.update(
@@ -36,10 +46,11 @@ def create_app(config: Config | Mapping | None = None) -> Flask:
     )
     api = Api(app, spec_kwargs={"info": {"description": "A double-entry payment ledger. "
                                          "Money is an integer count of minor units."}})
-    for module in (accounts, transfers, payouts, webhooks, outbox, health):
+    for module in (accounts, transfers, payouts, webhooks, outbox, health, metrics):
         api.register_blueprint(module.blueprint)
     errors.register(app)  # after Api(), which registers a handler of its own
     auth.register(app)
+    observability.register(app)  # after auth: its request id hook goes first anyway
     api.spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer",
                                                        "description": "pf_live_... API key"})
 

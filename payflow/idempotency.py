@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import redis
 
-from payflow import errors
+from payflow import errors, metrics
 from payflow.config import Config
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ class RedisGuard:
         return self._client is not None and time.monotonic() >= self._down_until
 
     def _failed(self, error: Exception) -> None:
+        metrics.REDIS_ERRORS.inc()
         with self._lock:
             self._down_until = time.monotonic() + self._config.redis_retry_after_failure_seconds
             self._last_error = str(error)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import psycopg_pool
 from psycopg.types.json import Jsonb
 
-from payflow import errors
+from payflow import errors, metrics
 from payflow.config import Config
 from payflow.db import run_with_retries, wrap_errors
 from payflow.idempotency import RedisGuard
@@ -101,6 +101,7 @@ class Ledger:
         database still answers (its lock may be orphaned by a dead process)."""
         row = self._read("stored_response", {"scope": scope, "key": request.key})
         if row is None:
+            metrics.IDEMPOTENCY_CONFLICTS.labels("idempotency_key_in_use").inc()
             error = errors.IdempotencyKeyInUse()
             error.retry_after_seconds = retry_after
             raise error
@@ -111,8 +112,10 @@ class Ledger:
     def _outcome(row: dict) -> Outcome:
         match row["outcome"]:
             case "in_use":
+                metrics.IDEMPOTENCY_CONFLICTS.labels("idempotency_key_in_use").inc()
                 raise errors.IdempotencyKeyInUse()
             case "reused":
+                metrics.IDEMPOTENCY_CONFLICTS.labels("idempotency_key_reused").inc()
                 raise errors.IdempotencyKeyReused()
             case "replay":
                 return Outcome(row["status"], row["body"], replayed=True)

@@ -281,9 +281,10 @@ def _close_quietly(connection: psycopg.Connection | None) -> None:
 
 def run_worker(config: Config) -> None:
     """`payflow worker`: until SIGTERM or SIGINT, which finish the task at hand."""
+    from payflow import logs
     from payflow.db import create_pool
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure()
     pool = create_pool(config.replace(pool_size_min=1, pool_size_max=2))
     worker = Worker(config, pool)
 

@@ -117,6 +117,10 @@ class HttpClient:
         parsed = json.loads(raw) if raw else None
         return response.status, dict(response.getheaders()), parsed
 
+    def request_text(self, path: str) -> str:
+        self._connection.request("GET", path, headers=self._auth)
+        return self._connection.getresponse().read().decode()
+
     def transfer(self, source: str, destination: str, amount: int, key: str | None = None):
         return self.request("POST", "/v1/transfers",
                             {"from_account_id": source, "to_account_id": destination,

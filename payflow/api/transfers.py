@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 from flask import Response
 from flask_smorest import Blueprint
 
-from payflow import schemas
+from payflow import metrics, schemas
 from payflow.api.auth import caller, requires
 from payflow.api.requests import json_body, json_text_response, outcome_response
 from payflow.api.services import services
@@ -24,7 +26,12 @@ blueprint = Blueprint("transfers", __name__, url_prefix="/v1/transfers",
                                     "idempotency_key_reused")
 @json_body(blueprint, schemas.TransferCreateSchema, idempotency_key="required")
 def create_transfer(body, idempotent_request) -> Response:
-    return outcome_response(services().ledger.post_transfer(idempotent_request, body))
+    outcome = services().ledger.post_transfer(idempotent_request, body)
+    if outcome.status == 201 and not outcome.replayed:
+        currency = json.loads(outcome.body)["currency"]
+        metrics.TRANSFERS.labels(currency).inc()
+        metrics.TRANSFERRED_MINOR_UNITS.labels(currency).inc(body["amount"])
+    return outcome_response(outcome)
 
 
 @blueprint.route("/<transfer_id>", methods=["GET"])

@@ -1,0 +1,91 @@
+"""Prometheus metrics (the official client).
+
+Under gunicorn, every worker process writes its samples to files in
+PROMETHEUS_MULTIPROC_DIR (gunicorn.conf.py sets it before any worker starts)
+and /metrics aggregates them, so a scrape sees all workers. Figures that live
+in the database (outbox depth, audit result) are read at scrape time.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+LATENCY_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+HTTP_REQUESTS = Counter("payflow_http_requests_total", "HTTP requests", ["method", "route", "status"])
+HTTP_LATENCY = Histogram("payflow_http_request_duration_seconds", "HTTP request latency",
+                         ["method", "route"], buckets=LATENCY_BUCKETS_SECONDS)
+IDEMPOTENT_REPLAYS = Counter("payflow_idempotent_replays_total", "Responses replayed for a retried key")
+IDEMPOTENCY_CONFLICTS = Counter("payflow_idempotency_conflicts_total",
+                                "Keys in use (409) or reused with another request (422)", ["code"])
+TRANSFERS = Counter("payflow_transfers_total", "Transfers posted", ["currency"])
+TRANSFERRED_MINOR_UNITS = Counter("payflow_transferred_minor_units_total",
+                                  "Amounts posted, in minor units", ["currency"])
+REDIS_ERRORS = Counter("payflow_redis_errors_total", "Redis calls that failed (served without Redis)")
+POOL_CONNECTIONS = Gauge("payflow_db_pool_connections", "Pooled connections, by state",
+                         ["state"], multiprocess_mode="livesum")
+POOL_WAITS = Counter("payflow_db_pool_waits_total", "Requests that waited for a pooled connection")
+POOL_WAIT_SECONDS = Counter("payflow_db_pool_wait_seconds_total", "Time spent waiting for a connection")
+
+
+def observe_request(method: str, route: str, status: int, duration_seconds: float, replayed: bool) -> None:
+    HTTP_REQUESTS.labels(method, route, str(status)).inc()
+    HTTP_LATENCY.labels(method, route).observe(duration_seconds)
+    if replayed:
+        IDEMPOTENT_REPLAYS.inc()
+
+
+def observe_pool(pool) -> None:
+    stats = pool.pop_stats()  # the counters since the last call, and the current sizes
+    POOL_CONNECTIONS.labels("open").set(stats.get("pool_size", 0))
+    POOL_CONNECTIONS.labels("idle").set(stats.get("pool_available", 0))
+    POOL_WAITS.inc(stats.get("requests_waiting", 0) + stats.get("requests_queued", 0))
+    POOL_WAIT_SECONDS.inc(stats.get("requests_wait_ms", 0) / 1000)
+
+
+def _database_registry(conn, audit_row) -> CollectorRegistry:
+    from payflow import outbox
+
+    registry = CollectorRegistry()
+    tasks = Gauge("payflow_outbox_tasks", "Outbox tasks by status and topic", ["status", "topic"],
+                  registry=registry)
+    stats = outbox.stats(conn)
+    for topic, by_status in stats["by_topic"].items():
+        for status, count in by_status.items():
+            tasks.labels(status, topic).set(count)
+    Gauge("payflow_outbox_oldest_pending_age_seconds", "Age of the oldest due pending task",
+          registry=registry).set(stats["oldest_pending_age_seconds"] or 0)
+    Gauge("payflow_outbox_dead_tasks", "Tasks that ran out of attempts", registry=registry).set(stats["dead"])
+    retried = Gauge("payflow_outbox_task_attempts", "Attempts made by unfinished tasks, by topic",
+                    ["topic"], registry=registry)
+    for row in conn.execute("SELECT topic, sum(attempts) AS attempts FROM outbox "
+                            "WHERE status IN ('pending', 'running') GROUP BY topic").fetchall():
+        retried.labels(row["topic"]).set(row["attempts"])
+    Gauge("payflow_ledger_healthy", "1 when the last audit found nothing wrong",
+          registry=registry).set(1 if audit_row["healthy"] else 0)
+    Gauge("payflow_ledger_integrity_sum", "Sum of all audited entries (0 when sound)",
+          registry=registry).set(audit_row["ledger_integrity_sum"] or 0)
+    return registry
+
+
+def exposition(conn, audit_body: dict) -> tuple[bytes, str]:
+    """The text of /metrics: the processes' samples, then the database's."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        from prometheus_client import REGISTRY as registry
+    audit_row = {"healthy": audit_body.get("status") == "healthy",
+                 "ledger_integrity_sum": audit_body.get("ledger_integrity_sum")}
+    text = generate_latest(registry) + generate_latest(_database_registry(conn, audit_row))
+    return text, CONTENT_TYPE_LATEST
