@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from flask import Flask
 from flask_smorest import Api
 
-from payflow import __version__, logs
+from payflow import __version__, logs, schemas
 from payflow.api import (
     accounts,
     auth,
@@ -28,6 +28,11 @@ from payflow.ledger import Ledger
 from payflow.ratelimit import RateLimiter
 
 
+class PayflowApi(Api):
+    # Every operation's "default" error response documents our one error shape.
+    ERROR_SCHEMA = schemas.ApiErrorSchema
+
+
 def create_app(config: Config | Mapping | None = None) -> Flask:
     config = config if isinstance(config, Config) else Config.load(config)
     if not config.database_url:
@@ -44,7 +49,7 @@ def create_app(config: Config | Mapping | None = None) -> Flask:
         OPENAPI_JSON_PATH="openapi.json",
         API_SPEC_OPTIONS={"security": [{"bearerAuth": []}]},
     )
-    api = Api(app, spec_kwargs={"info": {"description": "A double-entry payment ledger. "
+    api = PayflowApi(app, spec_kwargs={"info": {"description": "A double-entry payment ledger. "
                                          "Money is an integer count of minor units."}})
     for module in (accounts, transfers, payouts, webhooks, outbox, health, metrics):
         api.register_blueprint(module.blueprint)

@@ -127,7 +127,7 @@ def make_config(database_url: str, redis_url: str, **overrides) -> Config:
     return Config.load(
         {"database_url": database_url, "redis_url": redis_url,
          "redis_key_prefix": f"test-{uuid.uuid4().hex[:12]}", "audit_max_age_ms": 0,
-         "pool_size_max": 16, **overrides},
+         "pool_size_max": 16, "rate_limit_requests_per_minute": 0, **overrides},
         environ={},
     )
 
