@@ -159,7 +159,8 @@ class Worker:
                 "id": task.id, "owner": self.owner,
                 "lease_seconds": self.config.worker_lease_seconds}).fetchone()["ours"]
         if not ours:
-            log.warning("task %d was taken by another worker (our lease ran out); skipped", task.id)
+            log.warning("task %d was taken by another worker (our lease ran out); skipped", task.id,
+                        extra=_fields(task))
         return ours
 
     def _finish(self, task: Task, outcome: str, error: str | None = None,
@@ -169,7 +170,8 @@ class Worker:
                 "id": task.id, "owner": self.owner, "outcome": outcome, "error": error,
                 "run_at": run_at}).fetchone()["ours"]
         if not ours:
-            log.warning("task %d was no longer ours (lease expired); left to its new owner", task.id)
+            log.warning("task %d was no longer ours (lease expired); left to its new owner", task.id,
+                        extra=_fields(task))
 
     def _run(self, task: Task) -> None:
         try:
@@ -190,11 +192,12 @@ class Worker:
         reason = f"{type(error).__name__}: {error}"
         if task.attempts >= self.config.outbox_attempts_max:
             log.error("task %d (%s) is dead after %d attempts: %s",
-                      task.id, task.topic, task.attempts, reason)
+                      task.id, task.topic, task.attempts, reason, extra=_fields(task))
             self._finish(task, "dead", reason)
             return
         delay = backoff_seconds(task.attempts, self.config, self._rng)
-        log.info("task %d (%s) will retry in %.1f s: %s", task.id, task.topic, delay, reason)
+        log.info("task %d (%s) will retry in %.1f s: %s", task.id, task.topic, delay, reason,
+                 extra=_fields(task))
         self._finish(task, "retry", reason, datetime.now(UTC) + timedelta(seconds=delay))
 
     # -- the effects ------------------------------------------------------------
@@ -236,7 +239,8 @@ class Worker:
                 "id": task.payload["payout_id"], "task_id": task.id, "owner": self.owner,
                 **params}).fetchone()["ours"]
         if not ours:
-            log.warning("payout task %d was no longer ours; its new owner finishes it", task.id)
+            log.warning("payout task %d was no longer ours; its new owner finishes it", task.id,
+                        extra=_fields(task))
 
     def _deliver_webhook(self, task: Task) -> None:
         with self.pool.connection() as conn:
@@ -268,6 +272,11 @@ class Worker:
                 "retention_seconds": self.config.outbox_retention_seconds}).rowcount
         if keys or tasks:
             log.info("pruned %d expired idempotency keys and %d finished tasks", keys, tasks)
+
+
+def _fields(task: Task) -> dict:
+    """Structured fields of a task's log lines."""
+    return {"task_id": task.id, "topic": task.topic, "attempts": task.attempts}
 
 
 def _close_quietly(connection: psycopg.Connection | None) -> None:
