@@ -68,6 +68,15 @@ class Ledger:
         }
         return self._idempotent("post_transfer", request, params)
 
+    def refund_transfer(self, request: IdempotentRequest, raw_transfer_id: str, refund: dict) -> Outcome:
+        transfer_id = parse_uuid(raw_transfer_id)
+        if transfer_id is None:
+            raise errors.TransferNotFound()
+        params = {"transfer_id": transfer_id, "amount": refund.get("amount"),
+                  "description": refund.get("description"), "metadata": Jsonb(refund.get("metadata") or {}),
+                  "owner": request.owner}
+        return self._idempotent("refund_transfer", request, params)
+
     def create_payout(self, request: IdempotentRequest, payout: dict) -> Outcome:
         params = {"account_id": payout["account_id"], "amount": payout["amount"],
                   "currency": payout.get("currency"), "destination": Jsonb(payout["destination"]),
@@ -150,6 +159,15 @@ class Ledger:
         if row is None:
             raise not_found()
         return row["body"]
+
+    def balance_as_of(self, raw_account_id: str, as_of, owner: str | None) -> dict:
+        account_id = parse_uuid(raw_account_id)
+        row = self._read("balance_as_of", {"id": account_id, "as_of": as_of, "owner": owner}) \
+            if account_id else None
+        if row is None:
+            raise errors.AccountNotFound()
+        return {"account_id": str(row["account_id"]), "currency": row["currency"],
+                "balance": row["balance"], "as_of": as_of.isoformat()}
 
     def entries_page(self, raw_account_id: str, limit: int, cursor: str | None,
                      owner: str | None) -> dict:

@@ -134,6 +134,27 @@ class TransferSchema(Schema):
     metadata = fields.Dict(required=True, keys=fields.String(), values=fields.String())
     reverses_transfer_id = fields.UUID(required=True, allow_none=True)
     created_at = fields.DateTime(required=True)
+    amount_refunded = fields.Integer(metadata={"description": "GET only: the sum of its refunds"})
+    refunds = fields.List(fields.Dict(), metadata={"description": "GET only: id, amount, created_at"})
+
+
+class RefundCreateSchema(Schema):
+    amount = amount_field(load_default=None)  # none: all that is not refunded yet
+    description = Text(load_default=None, allow_none=True,
+                       validate=validate.Length(max=DESCRIPTION_CHARS_MAX))
+    metadata = MetadataField(load_default=dict)
+
+
+class BalanceQuerySchema(Schema):
+    as_of = fields.AwareDateTime(required=True, format="iso",
+                                 metadata={"description": "RFC 3339, with a UTC offset"})
+
+
+class BalanceSchema(Schema):
+    account_id = fields.UUID(required=True)
+    currency = fields.String(required=True)
+    balance = fields.Integer(required=True)
+    as_of = fields.String(required=True)
 
 
 DESTINATION_BYTES_MAX = 4096

@@ -37,6 +37,19 @@ def get_account(account_id: str) -> Response:
     return json_text_response(services().ledger.account(account_id, caller().owner))
 
 
+@blueprint.route("/<account_id>/balance", methods=["GET"])
+@requires("read")
+@blueprint.doc(parameters=[{"name": "as_of", "in": "query", "required": True,
+                            "schema": {"type": "string", "format": "date-time"}}])
+@blueprint.response(200, schemas.BalanceSchema)
+@blueprint.alt_response(404, schema=schemas.ApiErrorSchema, description="No such account")
+def balance_as_of(account_id: str) -> Response:
+    """The balance at a moment, from the balance_after of the last entry then."""
+    query = load(schemas.BalanceQuerySchema(), request.args.to_dict())
+    balance = services().ledger.balance_as_of(account_id, query["as_of"], caller().owner)
+    return json_text_response(json.dumps(balance))
+
+
 @blueprint.route("/<account_id>/entries", methods=["GET"])
 @requires("read")
 @blueprint.doc(parameters=[

@@ -34,6 +34,19 @@ def create_transfer(body, idempotent_request) -> Response:
     return outcome_response(outcome)
 
 
+@blueprint.route("/<transfer_id>/refunds", methods=["POST"])
+@requires("transfers:write")
+@blueprint.response(201, schemas.TransferSchema)
+@blueprint.alt_response(404, schema=schemas.ApiErrorSchema, description="transfer_not_found")
+@blueprint.alt_response(422, schema=schemas.ApiErrorSchema,
+                        description="refund_exceeds_transfer, not_refundable, insufficient_funds")
+@json_body(blueprint, schemas.RefundCreateSchema, idempotency_key="required")
+def refund_transfer(body, idempotent_request, transfer_id: str) -> Response:
+    """A new transfer back from the original's destination to its source,
+    linked to it; refunds never add up to more than the original."""
+    return outcome_response(services().ledger.refund_transfer(idempotent_request, transfer_id, body))
+
+
 @blueprint.route("/<transfer_id>", methods=["GET"])
 @requires("read")
 @blueprint.response(200, schemas.TransferSchema)

@@ -24,8 +24,9 @@ SELECT payflow_account_json(a)::text AS body FROM accounts a
  WHERE a.id = %(id)s AND (%(owner)s::uuid IS NULL OR a.owner_key_id = %(owner)s::uuid);
 
 -- name: transfer_json
--- One transfer as its API JSON, if the caller owns one of its accounts (owner NULL: any).
-SELECT payflow_transfer_json(t)::text AS body FROM transfers t
+-- One transfer (with its refunds) as its API JSON, if the caller owns one of its
+-- accounts (owner NULL: any).
+SELECT payflow_transfer_with_refunds_json(t)::text AS body FROM transfers t
  WHERE t.id = %(id)s
    AND (%(owner)s::uuid IS NULL OR EXISTS (
         SELECT 1 FROM accounts a WHERE a.id IN (t.from_account_id, t.to_account_id)
@@ -45,3 +46,19 @@ SELECT e.id, payflow_entry_json(e) AS entry
    AND (%(before_id)s::bigint IS NULL OR e.id < %(before_id)s::bigint)
  ORDER BY e.id DESC
  LIMIT %(limit)s + 1;
+
+-- name: refund_transfer
+-- Refunds a transfer (all that is left, or an amount), idempotently; one round trip.
+SELECT outcome, status, body
+  FROM payflow_refund_transfer_v1(%(scope)s, %(key)s, %(fingerprint)s, %(ttl_seconds)s,
+                                  %(transfer_id)s, %(amount)s, %(description)s, %(metadata)s, %(owner)s);
+
+-- name: balance_as_of
+-- An account's balance at a moment: the balance_after of its last entry at or
+-- before it (an index lookup on (account_id, created_at)).
+SELECT a.id AS account_id, a.currency,
+       coalesce((SELECT e.balance_after FROM entries e
+                  WHERE e.account_id = a.id AND e.created_at <= %(as_of)s
+                  ORDER BY e.created_at DESC, e.id DESC LIMIT 1), 0) AS balance
+  FROM accounts a
+ WHERE a.id = %(id)s AND (%(owner)s::uuid IS NULL OR a.owner_key_id = %(owner)s::uuid);
