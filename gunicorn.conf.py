@@ -10,8 +10,13 @@ _config = Config.load()
 # Prometheus multiprocess mode: each worker writes its samples under this
 # folder and /metrics adds them up. Set here, in the master, before any worker
 # imports prometheus_client; a fresh folder per server start.
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+_OWN_METRICS_DIR = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _OWN_METRICS_DIR:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="payflow-metrics-")
+else:  # the operator's folder: empty it, so no old run's samples count again
+    for _stale in os.scandir(os.environ["PROMETHEUS_MULTIPROC_DIR"]):
+        if _stale.name.endswith(".db"):
+            os.unlink(_stale.path)
 
 bind = f"{_config.host}:{_config.port}"
 # gthread: each process serves `threads` requests at once with one small pool;
@@ -50,7 +55,8 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    if _OWN_METRICS_DIR:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def worker_exit(server, worker):

@@ -47,6 +47,9 @@ class Config:
     # Per API key (1,000 requests/s on average over a minute); 0 turns it off.
     rate_limit_requests_per_minute: int = 60_000
 
+    # When set, GET /metrics wants "Authorization: Bearer <this token>".
+    metrics_token: str = ""
+
     # Audit behind /health.
     audit_max_age_ms: int = 1000
     audit_batch_entries_max: int = 200_000

@@ -19,6 +19,10 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily
+
+# Anything else (gunicorn accepts any upper-case word) would mint new series.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 LATENCY_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
@@ -34,11 +38,14 @@ TRANSFERRED_MINOR_UNITS = Counter("payflow_transferred_minor_units_total",
 REDIS_ERRORS = Counter("payflow_redis_errors_total", "Redis calls that failed (served without Redis)")
 POOL_CONNECTIONS = Gauge("payflow_db_pool_connections", "Pooled connections, by state",
                          ["state"], multiprocess_mode="livesum")
-POOL_WAITS = Counter("payflow_db_pool_waits_total", "Requests that waited for a pooled connection")
+POOL_WAITING = Gauge("payflow_db_pool_waiting_requests", "Requests waiting for a connection now",
+                     multiprocess_mode="livesum")
 POOL_WAIT_SECONDS = Counter("payflow_db_pool_wait_seconds_total", "Time spent waiting for a connection")
+POOL_ERRORS = Counter("payflow_db_pool_connection_errors_total", "Failed connection attempts")
 
 
 def observe_request(method: str, route: str, status: int, duration_seconds: float, replayed: bool) -> None:
+    method = method if method in KNOWN_METHODS else "OTHER"
     HTTP_REQUESTS.labels(method, route, str(status)).inc()
     HTTP_LATENCY.labels(method, route).observe(duration_seconds)
     if replayed:
@@ -49,33 +56,43 @@ def observe_pool(pool) -> None:
     stats = pool.pop_stats()  # the counters since the last call, and the current sizes
     POOL_CONNECTIONS.labels("open").set(stats.get("pool_size", 0))
     POOL_CONNECTIONS.labels("idle").set(stats.get("pool_available", 0))
-    POOL_WAITS.inc(stats.get("requests_waiting", 0) + stats.get("requests_queued", 0))
+    POOL_WAITING.set(stats.get("requests_waiting", 0))
     POOL_WAIT_SECONDS.inc(stats.get("requests_wait_ms", 0) / 1000)
+    POOL_ERRORS.inc(stats.get("connections_errors", 0))
 
 
-def _database_registry(conn, audit_row) -> CollectorRegistry:
-    from payflow import outbox
+class DatabaseCollector:
+    """Figures read from the database at scrape time, as metric families (not
+    Gauge objects, which in multiprocess mode would leave per-process files)."""
 
-    registry = CollectorRegistry()
-    tasks = Gauge("payflow_outbox_tasks", "Outbox tasks by status and topic", ["status", "topic"],
-                  registry=registry)
-    stats = outbox.stats(conn)
-    for topic, by_status in stats["by_topic"].items():
-        for status, count in by_status.items():
-            tasks.labels(status, topic).set(count)
-    Gauge("payflow_outbox_oldest_pending_age_seconds", "Age of the oldest due pending task",
-          registry=registry).set(stats["oldest_pending_age_seconds"] or 0)
-    Gauge("payflow_outbox_dead_tasks", "Tasks that ran out of attempts", registry=registry).set(stats["dead"])
-    retried = Gauge("payflow_outbox_task_attempts", "Attempts made by unfinished tasks, by topic",
-                    ["topic"], registry=registry)
-    for row in conn.execute("SELECT topic, sum(attempts) AS attempts FROM outbox "
-                            "WHERE status IN ('pending', 'running') GROUP BY topic").fetchall():
-        retried.labels(row["topic"]).set(row["attempts"])
-    Gauge("payflow_ledger_healthy", "1 when the last audit found nothing wrong",
-          registry=registry).set(1 if audit_row["healthy"] else 0)
-    Gauge("payflow_ledger_integrity_sum", "Sum of all audited entries (0 when sound)",
-          registry=registry).set(audit_row["ledger_integrity_sum"] or 0)
-    return registry
+    def __init__(self, conn, audit_body: dict) -> None:
+        self._conn, self._audit = conn, audit_body
+
+    def collect(self):
+        from payflow import outbox
+
+        stats = outbox.stats(self._conn)
+        tasks = GaugeMetricFamily("payflow_outbox_tasks", "Outbox tasks by status and topic",
+                                  labels=["status", "topic"])
+        for topic, by_status in stats["by_topic"].items():
+            for status, count in by_status.items():
+                tasks.add_metric([status, topic], count)
+        yield tasks
+        yield GaugeMetricFamily("payflow_outbox_oldest_pending_age_seconds",
+                                "Age of the oldest due pending task",
+                                value=stats["oldest_pending_age_seconds"] or 0)
+        yield GaugeMetricFamily("payflow_outbox_dead_tasks", "Tasks that ran out of attempts",
+                                value=stats["dead"])
+        attempts = GaugeMetricFamily("payflow_outbox_task_attempts",
+                                     "Attempts made by unfinished tasks, by topic", labels=["topic"])
+        for row in self._conn.execute("SELECT topic, sum(attempts) AS attempts FROM outbox "
+                                      "WHERE status IN ('pending', 'running') GROUP BY topic").fetchall():
+            attempts.add_metric([row["topic"]], row["attempts"])
+        yield attempts
+        yield GaugeMetricFamily("payflow_ledger_healthy", "1 when the last audit found nothing wrong",
+                                value=1 if self._audit.get("status") == "healthy" else 0)
+        yield GaugeMetricFamily("payflow_ledger_integrity_sum", "Sum of all audited entries (0 when sound)",
+                                value=self._audit.get("ledger_integrity_sum") or 0)
 
 
 def exposition(conn, audit_body: dict) -> tuple[bytes, str]:
@@ -85,7 +102,6 @@ def exposition(conn, audit_body: dict) -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(registry)
     else:
         from prometheus_client import REGISTRY as registry
-    audit_row = {"healthy": audit_body.get("status") == "healthy",
-                 "ledger_integrity_sum": audit_body.get("ledger_integrity_sum")}
-    text = generate_latest(registry) + generate_latest(_database_registry(conn, audit_row))
-    return text, CONTENT_TYPE_LATEST
+    database = CollectorRegistry(auto_describe=False)
+    database.register(DatabaseCollector(conn, audit_body))
+    return generate_latest(registry) + generate_latest(database), CONTENT_TYPE_LATEST

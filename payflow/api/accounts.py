@@ -7,7 +7,7 @@ import json
 from flask import Response, request
 from flask_smorest import Blueprint
 
-from payflow import schemas
+from payflow import errors, schemas
 from payflow.api.auth import caller, requires
 from payflow.api.requests import json_body, json_text_response, load, outcome_response
 from payflow.api.services import services
@@ -22,6 +22,10 @@ blueprint = Blueprint("accounts", __name__, url_prefix="/v1/accounts",
 @blueprint.alt_response(422, schema=schemas.ApiErrorSchema, description="Validation error")
 @json_body(blueprint, schemas.AccountCreateSchema, idempotency_key="optional")
 def create_account(body, idempotent_request) -> Response:
+    if body["overdraft_limit"] and not caller().is_admin:
+        # A credit line is money the ledger lends: only an admin grants one.
+        raise errors.Forbidden("Only an admin key may grant an overdraft_limit.",
+                               details={"required_scope": "admin"})
     outcome = services().ledger.create_account(
         idempotent_request, body["name"], body["currency"], body["overdraft_limit"],
         owner=caller().key_id,

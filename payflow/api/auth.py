@@ -39,6 +39,8 @@ def _authenticate() -> None:
     g.caller = found
     services().rate_limiter.check(found.key_id)
     view = current_app.view_functions.get(request.endpoint)
+    if view is None:
+        return  # no such route (or method): 404 / 405 follow
     needed = getattr(view, "required_scope", "admin")
     if not found.may(needed):
         raise errors.Forbidden(details={"required_scope": needed})

@@ -139,7 +139,7 @@ END $$;
 -- another owner's account is "not found", so ids cannot be probed across tenants.
 CREATE FUNCTION payflow_transfer_refusal_v1(
     source accounts, destination accounts, p_from uuid, p_to uuid,
-    p_amount bigint, p_currency text, p_owner uuid)
+    p_amount bigint, p_currency text, p_owner uuid, p_allow_overdraft boolean)
 RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     bigint_max constant numeric := 9223372036854775807;
@@ -154,14 +154,15 @@ BEGIN
     END IF;
     IF source.currency <> destination.currency
        OR source.currency <> coalesce(p_currency, source.currency) THEN
+        -- No detail of the destination: it may be another tenant's account.
         RETURN jsonb_build_object('status', 422, 'body', payflow_error_json(
             'currency_mismatch', 'A transfer moves one currency, held by both accounts.',
             jsonb_build_object('from_currency', source.currency,
-                               'to_currency', destination.currency,
                                'currency', coalesce(p_currency, source.currency))));
     END IF;
     IF source.overdraft_limit IS NOT NULL
-       AND source.balance::numeric - p_amount < -source.overdraft_limit THEN
+       AND source.balance::numeric - p_amount
+           < -(CASE WHEN p_allow_overdraft THEN source.overdraft_limit ELSE 0 END) THEN
         RETURN jsonb_build_object('status', 422, 'body', payflow_error_json(
             'insufficient_funds', 'The source account cannot cover this amount.',
             jsonb_build_object('account_id', source.id, 'amount', p_amount)));
@@ -183,6 +184,7 @@ END $$;
 CREATE FUNCTION payflow_post_v1(
     p_kind text, p_from uuid, p_to uuid, p_amount bigint, p_currency text,
     p_description text, p_metadata jsonb, p_reverses uuid, p_owner uuid,
+    p_allow_overdraft boolean DEFAULT true,
     OUT refusal jsonb, OUT posted transfers)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -199,7 +201,7 @@ BEGIN
     END LOOP;
 
     refusal := payflow_transfer_refusal_v1(source, destination, p_from, p_to, p_amount, p_currency,
-                                           p_owner);
+                                           p_owner, p_allow_overdraft);
     IF refusal IS NOT NULL THEN
         RETURN;
     END IF;

@@ -178,8 +178,9 @@ BEGIN
     ELSE
         clearing := payflow_system_account_v1('payout_clearing', account.currency);
         SELECT * INTO result
+          -- Money leaves only from money held: never from an overdraft.
           FROM payflow_post_v1('payout', p_account, clearing, p_amount, p_currency,
-                               'payout', '{}', NULL, p_owner);
+                               'payout', '{}', NULL, p_owner, false);
         IF result.refusal IS NOT NULL THEN
             outcome := 'refused';
             status := (result.refusal ->> 'status')::integer;

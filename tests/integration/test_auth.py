@@ -15,11 +15,11 @@ def bearer(secret: str) -> dict:
     return {"Authorization": f"Bearer {secret}"}
 
 
-@pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer ", "Basic dXNlcjpwYXNz",
+@pytest.mark.parametrize("header", ["<none>", "", "Bearer", "Bearer ", "Basic dXNlcjpwYXNz",
                                     "Bearer pf_live_nope", "Bearer not-even-a-key",
-                                    "Bearer " + "x" * 5000, "bearer\tpf_live_x"])
+                                    "Bearer pf_live_" + "x" * 5000, "bearer\tpf_live_x"])
 def test_requests_without_a_valid_key_are_401(client, header):
-    headers = {"Authorization": header} if header is not None else {"Authorization": ""}
+    headers = {"Authorization": header}
     for response in (client.get("/v1/accounts/00000000-0000-0000-0000-000000000000", headers=headers),
                      client.post("/v1/transfers", json={}, headers={**JSON, **headers})):
         assert_error(response, 401, "unauthorized")
@@ -27,8 +27,31 @@ def test_requests_without_a_valid_key_are_401(client, header):
 
 
 def test_health_ready_and_openapi_stay_open(client):
-    for path in ("/health", "/ready", "/openapi.json"):
-        assert client.get(path, headers={"Authorization": ""}).status_code == 200
+    for path in ("/health", "/ready", "/openapi.json", "/metrics"):
+        assert client.get(path, headers={"Authorization": "<none>"}).status_code == 200
+
+
+def test_metrics_can_require_a_token(database_url, servers):
+    app = make_app(make_config(database_url, servers["redis"], metrics_token="scrape-me"))
+    try:
+        client = app.test_client()
+        assert_error(client.get("/metrics"), 401, "unauthorized")
+        assert client.get("/metrics", headers={"Authorization": "Bearer scrape-me"}).status_code == 200
+    finally:
+        app.extensions["payflow"].close()
+
+
+def test_only_an_admin_grants_an_overdraft(client, database_url):
+    _, writer = new_api_key(database_url, ["transfers:write"])
+    body = {"name": "credit", "currency": "USD", "overdraft_limit": 2**63 - 1}
+    assert_error(client.post("/v1/accounts", json=body, headers={**JSON, **bearer(writer)}), 403, "forbidden")
+    assert client.post("/v1/accounts", json=body, headers=JSON).status_code == 201  # admin
+
+
+def test_unknown_routes_are_404_for_any_valid_key(client, database_url):
+    _, reader = new_api_key(database_url, ["read"])
+    assert_error(client.get("/v1/nothing-here", headers=bearer(reader)), 404, "not_found")
+    assert_error(client.get("/v1/nothing-here", headers={"Authorization": "<none>"}), 401, "unauthorized")
 
 
 def test_openapi_lists_the_security_scheme(client):

@@ -59,7 +59,16 @@ def test_metrics_and_logs_under_gunicorn_with_several_workers(database_url, serv
                                           {"X-Idempotency-Key": keys[0]})
         assert status == 422  # reused
 
+        # Odd methods share one label value, whatever they are.
+        for method in ("AAAA", "BREW"):
+            clients[0]._connection.request(method, "/health")
+            clients[0]._connection.getresponse().read()
+        HttpClient(server.base_url).request_text("/metrics")  # a first scrape
         text = HttpClient(server.base_url).request_text("/metrics")
+        types = [line for line in text.splitlines() if line.startswith("# TYPE")]
+        assert len(types) == len(set(types)), "a metric family appears twice"
+        assert sample(text, "payflow_http_requests_total", method="OTHER") == 2
+        assert "AAAA" not in text and "BREW" not in text
         assert sample(text, "payflow_http_requests_total", method="POST", route="/v1/transfers",
                       status="201") == 15
         assert sample(text, "payflow_transfers_total", currency="USD") == 12

@@ -329,6 +329,12 @@ def test_failed_webhook_deliveries_are_retried_with_the_same_id(client, funded, 
     assert stats["dead"] == 1 and stats["by_topic"]["webhook.deliver"] == {"dead": 1}
 
 
+def test_payouts_never_draw_on_an_overdraft(client):
+    api = Api(client)
+    credit = api.create_account(overdraft_limit=5_000)  # the admin key grants it
+    assert_error(request_payout(client, credit, 1), 422, "insufficient_funds")
+
+
 def test_payouts_from_system_accounts_are_refused(client, db):
     world = create_system_account(db)
     assert_error(request_payout(client, world, 1), 422, "account_not_eligible")
