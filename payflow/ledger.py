@@ -11,6 +11,7 @@ import binascii
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import psycopg_pool
 from psycopg.types.json import Jsonb
@@ -22,6 +23,10 @@ from payflow.idempotency import RedisGuard
 from payflow.queries import queries
 
 CURSOR_PREFIX = "entries:"
+TRANSFER_CURSOR_PREFIX = "transfers:"
+FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
+FAR_PAST = datetime(1, 1, 2, tzinfo=UTC)
+LAST_UUID = uuid.UUID(int=2**128 - 1)
 
 
 @dataclass(frozen=True)
@@ -169,8 +174,30 @@ class Ledger:
         return {"account_id": str(row["account_id"]), "currency": row["currency"],
                 "balance": row["balance"], "as_of": as_of.isoformat()}
 
+    def search_transfers(self, query: dict, owner: str | None) -> dict:
+        """Keyset pages of transfers, newest first. A key without admin scope
+        searches one of its own accounts."""
+        account_id = query["account_id"]
+        if owner is not None:
+            if account_id is None:
+                raise errors.ValidationFailed(details={"account_id": ["Required for this key."]})
+            if not self._read("account_exists", {"id": account_id, "owner": owner})["found"]:
+                raise errors.AccountNotFound()
+        before_at, before_id = decode_transfer_cursor(query["cursor"]) if query["cursor"] \
+            else (FAR_FUTURE, LAST_UUID)
+        params = {"account_id": account_id, "before_at": before_at, "before_id": before_id,
+                  "created_after": query["created_after"] or FAR_PAST,
+                  "created_before": query["created_before"] or FAR_FUTURE,
+                  "kind": query["kind"], "status": query["status"], "limit": query["limit"]}
+        rows = self._read_all("transfers_by_account" if account_id else "transfers_all", params)
+        page, more = rows[:query["limit"]], len(rows) > query["limit"]
+        return {"data": [row["transfer"] for row in page],
+                "next_cursor": encode_transfer_cursor(page[-1]["created_at"], page[-1]["id"])
+                if more else None}
+
     def entries_page(self, raw_account_id: str, limit: int, cursor: str | None,
-                     owner: str | None) -> dict:
+                     owner: str | None, since: datetime | None = None,
+                     until: datetime | None = None) -> dict:
         account_id = parse_uuid(raw_account_id)
         before_id = decode_cursor(cursor) if cursor else None
         visible = account_id is not None and \
@@ -178,10 +205,27 @@ class Ledger:
         if not visible:
             raise errors.AccountNotFound()
         rows = self._read_all("entries_page", {"account_id": account_id, "before_id": before_id,
-                                               "limit": limit})
+                                               "limit": limit, "since": since or FAR_PAST,
+                                               "until": until or FAR_FUTURE})
         page, more = rows[:limit], len(rows) > limit
         return {"data": [row["entry"] for row in page],
                 "next_cursor": encode_cursor(page[-1]["id"]) if more else None}
+
+
+def encode_transfer_cursor(created_at, transfer_id) -> str:
+    text = f"{TRANSFER_CURSOR_PREFIX}{created_at.isoformat()}|{transfer_id}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_transfer_cursor(cursor: str) -> tuple:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not text.startswith(TRANSFER_CURSOR_PREFIX):
+            raise ValueError(cursor)
+        moment, transfer_id = text.removeprefix(TRANSFER_CURSOR_PREFIX).split("|")
+        return datetime.fromisoformat(moment), uuid.UUID(transfer_id)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise errors.ValidationFailed(details={"cursor": ["Not a cursor this API returned."]}) from None
 
 
 def parse_uuid(raw: str) -> uuid.UUID | None:

@@ -252,6 +252,27 @@ class PageQuerySchema(Schema):
     limit = fields.Integer(load_default=PAGE_SIZE_DEFAULT,
                            validate=validate.Range(min=1, max=PAGE_SIZE_MAX))
     cursor = Text(load_default=None, validate=validate.Length(min=1, max=200))
+    since = fields.AwareDateTime(load_default=None, format="iso",
+                                 metadata={"description": "Entries at or after (RFC 3339)"})
+    until = fields.AwareDateTime(load_default=None, format="iso",
+                                 metadata={"description": "Entries before (RFC 3339)"})
+
+
+class TransferSearchSchema(Schema):
+    account_id = fields.UUID(load_default=None, metadata={"description": "Either side; required "
+                                                          "for keys without admin scope"})
+    status = fields.String(load_default=None, validate=validate.OneOf(["posted"]))
+    kind = fields.String(load_default=None,
+                         validate=validate.OneOf(["transfer", "payout", "refund", "reversal"]))
+    created_after = fields.AwareDateTime(load_default=None, format="iso")
+    created_before = fields.AwareDateTime(load_default=None, format="iso")
+    limit = fields.Integer(load_default=PAGE_SIZE_DEFAULT, validate=validate.Range(min=1, max=PAGE_SIZE_MAX))
+    cursor = Text(load_default=None, validate=validate.Length(min=1, max=200))
+
+
+class TransfersPageSchema(Schema):
+    data = fields.List(fields.Nested(TransferSchema), required=True)
+    next_cursor = fields.String(required=True, allow_none=True)
 
 
 class ApiErrorBodySchema(Schema):

@@ -60,10 +60,13 @@ def balance_as_of(account_id: str) -> Response:
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
                                                 "maximum": schemas.PAGE_SIZE_MAX}},
     {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+    {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+    {"name": "until", "in": "query", "schema": {"type": "string", "format": "date-time"}},
 ])
 @blueprint.response(200, schemas.EntriesPageSchema)
 @blueprint.alt_response(404, schema=schemas.ApiErrorSchema, description="No such account")
 def list_entries(account_id: str) -> Response:
     query = load(schemas.PageQuerySchema(), request.args.to_dict())
-    page = services().ledger.entries_page(account_id, query["limit"], query["cursor"], caller().owner)
+    page = services().ledger.entries_page(account_id, query["limit"], query["cursor"], caller().owner,
+                                          since=query["since"], until=query["until"])
     return json_text_response(json.dumps(page))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-from flask import Response
+from flask import Response, request
 from flask_smorest import Blueprint
 
 from payflow import metrics, schemas
 from payflow.api.auth import caller, requires
-from payflow.api.requests import json_body, json_text_response, outcome_response
+from payflow.api.requests import json_body, json_text_response, load, outcome_response
 from payflow.api.services import services
 
 blueprint = Blueprint("transfers", __name__, url_prefix="/v1/transfers",
@@ -32,6 +32,20 @@ def create_transfer(body, idempotent_request) -> Response:
         metrics.TRANSFERS.labels(currency).inc()
         metrics.TRANSFERRED_MINOR_UNITS.labels(currency).inc(body["amount"])
     return outcome_response(outcome)
+
+
+@blueprint.route("", methods=["GET"])
+@requires("read")
+@blueprint.doc(parameters=[{"name": name, "in": "query", "schema": {"type": "string"}} for name in
+                           ("account_id", "status", "kind", "created_after", "created_before",
+                            "limit", "cursor")])
+@blueprint.response(200, schemas.TransfersPageSchema)
+def search_transfers() -> Response:
+    """Newest first, keyset pages (next_cursor), filtered by account (either side),
+    status, kind and a creation window [created_after, created_before)."""
+    query = load(schemas.TransferSearchSchema(), request.args.to_dict())
+    page = services().ledger.search_transfers(query, caller().owner)
+    return json_text_response(json.dumps(page, default=str))
 
 
 @blueprint.route("/<transfer_id>/refunds", methods=["POST"])

@@ -90,3 +90,8 @@ BEGIN
     END IF;
     PERFORM payflow_idempotency_finish_v1(p_scope, p_key, p_fingerprint, status, body, p_ttl_seconds);
 END $$;
+
+-- Transfer search: keyset pages, newest first, by account (either side) or over all.
+CREATE INDEX transfers_from_created ON transfers (from_account_id, created_at, id);
+CREATE INDEX transfers_to_created ON transfers (to_account_id, created_at, id);
+CREATE INDEX transfers_created ON transfers (created_at, id);

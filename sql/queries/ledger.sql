@@ -44,6 +44,7 @@ SELECT e.id, payflow_entry_json(e) AS entry
   FROM entries e
  WHERE e.account_id = %(account_id)s
    AND (%(before_id)s::bigint IS NULL OR e.id < %(before_id)s::bigint)
+   AND e.created_at >= %(since)s AND e.created_at < %(until)s
  ORDER BY e.id DESC
  LIMIT %(limit)s + 1;
 
@@ -62,3 +63,34 @@ SELECT a.id AS account_id, a.currency,
                   ORDER BY e.created_at DESC, e.id DESC LIMIT 1), 0) AS balance
   FROM accounts a
  WHERE a.id = %(id)s AND (%(owner)s::uuid IS NULL OR a.owner_key_id = %(owner)s::uuid);
+
+-- name: transfers_by_account
+-- A page of an account's transfers (either side), newest first, before a
+-- (created_at, id) cursor and within [created_after, created_before): one index
+-- range scan per side, merged.
+SELECT id, created_at, payflow_transfer_json(t) AS transfer FROM (
+    (SELECT * FROM transfers
+      WHERE from_account_id = %(account_id)s
+        AND (created_at, id) < (%(before_at)s, %(before_id)s)
+        AND created_at >= %(created_after)s AND created_at < %(created_before)s
+        AND (%(kind)s::text IS NULL OR kind = %(kind)s) AND (%(status)s::text IS NULL OR status = %(status)s)
+      ORDER BY created_at DESC, id DESC LIMIT %(limit)s + 1)
+    UNION ALL
+    (SELECT * FROM transfers
+      WHERE to_account_id = %(account_id)s
+        AND (created_at, id) < (%(before_at)s, %(before_id)s)
+        AND created_at >= %(created_after)s AND created_at < %(created_before)s
+        AND (%(kind)s::text IS NULL OR kind = %(kind)s) AND (%(status)s::text IS NULL OR status = %(status)s)
+      ORDER BY created_at DESC, id DESC LIMIT %(limit)s + 1)
+) t
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s + 1;
+
+-- name: transfers_all
+-- A page of all transfers, newest first (admin), on the (created_at, id) index.
+SELECT id, created_at, payflow_transfer_json(t) AS transfer FROM transfers t
+ WHERE (created_at, id) < (%(before_at)s, %(before_id)s)
+   AND created_at >= %(created_after)s AND created_at < %(created_before)s
+   AND (%(kind)s::text IS NULL OR kind = %(kind)s) AND (%(status)s::text IS NULL OR status = %(status)s)
+ ORDER BY created_at DESC, id DESC
+ LIMIT %(limit)s + 1;

@@ -158,3 +158,65 @@ def test_balance_as_of_uses_the_index(database_url, client, db):
                             {"id": accounts[0], "as_of": datetime.now(UTC), "owner": None}
                             ).fetchone()["QUERY PLAN"]
     assert "'Index Name': 'entries_account_created_at'" in str(plan), plan
+
+
+def test_transfer_search_pages_filters_and_tenants(client, db, database_url):
+    from tests.conftest import new_api_key
+
+    api = Api(client)
+    world, alice, bob = create_system_account(db), api.create_account(), api.create_account()
+    made = [api.ok_transfer(world, alice, 100 + n) for n in range(5)]
+    made += [api.ok_transfer(alice, bob, 1 + n) for n in range(3)]
+    refund_id = refund(client, made[-1]["id"], amount=1).get_json()["id"]
+
+    seen, cursor = [], None
+    while True:
+        query = {"account_id": alice, "limit": 3, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/v1/transfers", query_string=query).get_json()
+        seen += [transfer["id"] for transfer in page["data"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == [refund_id] + [t["id"] for t in reversed(made)]  # newest first, both sides
+
+    refunds = client.get("/v1/transfers", query_string={"account_id": alice, "kind": "refund"}).get_json()
+    assert [t["id"] for t in refunds["data"]] == [refund_id]
+    middle = made[3]["created_at"]
+    window = client.get("/v1/transfers", query_string={"account_id": bob, "created_before": middle}
+                        ).get_json()
+    assert window["data"] == []
+    everything = client.get("/v1/transfers", query_string={"limit": 100}).get_json()  # admin: all
+    assert len(everything["data"]) == 9
+
+    _, other = new_api_key(database_url, ["read"])
+    bearer = {"Authorization": f"Bearer {other}"}
+    assert_error(client.get("/v1/transfers", headers=bearer), 422, "validation_error")
+    assert_error(client.get("/v1/transfers", query_string={"account_id": alice}, headers=bearer), 404,
+                 "account_not_found")
+    for bad in ({"kind": "gift"}, {"limit": 0}, {"cursor": "x"}, {"created_after": "yesterday"},
+                {"account_id": "nope"}):
+        assert_error(client.get("/v1/transfers", query_string=bad), 422, "validation_error")
+
+
+def test_transfer_search_uses_the_indexes(client, db, database_url):
+    from payflow.ledger import FAR_FUTURE, FAR_PAST, LAST_UUID
+    from payflow.queries import queries
+
+    api = Api(client)
+    world = create_system_account(db)
+    accounts = [api.create_account() for _ in range(20)]
+    db.execute("SELECT payflow_post_transfer_v1('s', NULL, NULL, 60, 'transfer', %s, a.id, 1, NULL,"
+               " NULL, NULL) FROM (SELECT unnest(%s::uuid[]) AS id) a, generate_series(1, 200)",
+               (world, accounts))
+    db.execute("ANALYZE transfers")
+    params = {"account_id": accounts[0], "before_at": FAR_FUTURE, "before_id": LAST_UUID,
+              "created_after": FAR_PAST, "created_before": FAR_FUTURE, "kind": None, "status": None,
+              "limit": 25}
+    with psycopg.connect(database_url, row_factory=dict_row) as conn:
+        by_account = str(conn.execute("EXPLAIN (FORMAT JSON) " + queries["transfers_by_account"], params
+                                      ).fetchone()["QUERY PLAN"])
+        everything = str(conn.execute("EXPLAIN (FORMAT JSON) " + queries["transfers_all"], params
+                                      ).fetchone()["QUERY PLAN"])
+    assert "'Index Name': 'transfers_from_created'" in by_account
+    assert "'Index Name': 'transfers_to_created'" in by_account
+    assert "'Index Name': 'transfers_created'" in everything

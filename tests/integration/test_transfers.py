@@ -91,6 +91,19 @@ def test_entries_are_paged_newest_first(api, db, client):
     assert len({entry["id"] for entry in seen}) == 7
 
 
+def test_entries_page_within_a_time_window(api, db, client):
+    world, alice = create_system_account(db), api.create_account()
+    api.ok_transfer(world, alice, 1)
+    middle = db.execute("SELECT clock_timestamp() AS at").fetchone()["at"].isoformat()
+    api.ok_transfer(world, alice, 2)
+    since = client.get(f"/v1/accounts/{alice}/entries", query_string={"since": middle}).get_json()
+    until = client.get(f"/v1/accounts/{alice}/entries", query_string={"until": middle}).get_json()
+    assert [e["amount"] for e in since["data"]] == [2]
+    assert [e["amount"] for e in until["data"]] == [1]
+    assert_error(client.get(f"/v1/accounts/{alice}/entries", query_string={"since": "2026-01-01"}),
+                 422, "validation_error")
+
+
 def test_entries_page_of_an_account_without_entries(api, client):
     alice = api.create_account()
     assert client.get(f"/v1/accounts/{alice}/entries").get_json() == {"data": [], "next_cursor": None}
