@@ -165,6 +165,20 @@ class Ledger:
             raise not_found()
         return row["body"]
 
+    def account_audit(self, raw_account_id: str, owner: str | None) -> dict:
+        account_id = parse_uuid(raw_account_id)
+        row = self._read("account_audit", {"id": account_id, "owner": owner}) if account_id else None
+        if row is None:
+            raise errors.AccountNotFound()
+        difference = row["balance"] - int(row["entries_sum"])
+        return {"account_id": str(row["account_id"]), "currency": row["currency"],
+                "balance": row["balance"], "entries_sum": int(row["entries_sum"]),
+                "difference": difference, "entries": row["entries"], "version": row["version"],
+                "versions_continuous": row["entries"] == row["version"],
+                "chain_breaks": row["chain_breaks"],
+                "consistent": difference == 0 and not row["chain_breaks"]
+                and row["entries"] == row["version"]}
+
     def balance_as_of(self, raw_account_id: str, as_of, owner: str | None) -> dict:
         account_id = parse_uuid(raw_account_id)
         row = self._read("balance_as_of", {"id": account_id, "as_of": as_of, "owner": owner}) \

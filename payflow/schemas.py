@@ -150,6 +150,19 @@ class BalanceQuerySchema(Schema):
                                  metadata={"description": "RFC 3339, with a UTC offset"})
 
 
+class AccountAuditSchema(Schema):
+    account_id = fields.UUID(required=True)
+    currency = fields.String(required=True)
+    balance = fields.Integer(required=True)
+    entries_sum = fields.Integer(required=True)
+    difference = fields.Integer(required=True, metadata={"description": "balance - entries_sum"})
+    entries = fields.Integer(required=True)
+    version = fields.Integer(required=True)
+    versions_continuous = fields.Boolean(required=True)
+    chain_breaks = fields.List(fields.Dict(), required=True)
+    consistent = fields.Boolean(required=True)
+
+
 class BalanceSchema(Schema):
     account_id = fields.UUID(required=True)
     currency = fields.String(required=True)

@@ -41,6 +41,16 @@ def get_account(account_id: str) -> Response:
     return json_text_response(services().ledger.account(account_id, caller().owner))
 
 
+@blueprint.route("/<account_id>/audit", methods=["GET"])
+@requires("read")
+@blueprint.response(200, schemas.AccountAuditSchema)
+@blueprint.alt_response(404, schema=schemas.ApiErrorSchema, description="No such account")
+def audit_account(account_id: str) -> Response:
+    """The account recomputed from its entries: the difference to its balance,
+    and whether its entry chain (balance_after, version) has gaps."""
+    return json_text_response(json.dumps(services().ledger.account_audit(account_id, caller().owner)))
+
+
 @blueprint.route("/<account_id>/balance", methods=["GET"])
 @requires("read")
 @blueprint.doc(parameters=[{"name": "as_of", "in": "query", "required": True,

@@ -94,3 +94,25 @@ SELECT id, created_at, payflow_transfer_json(t) AS transfer FROM transfers t
    AND (%(kind)s::text IS NULL OR kind = %(kind)s) AND (%(status)s::text IS NULL OR status = %(status)s)
  ORDER BY created_at DESC, id DESC
  LIMIT %(limit)s + 1;
+
+-- name: account_audit
+-- One account recomputed from its entries, in one snapshot: the balance against
+-- the sum of its entries, and every entry that breaks the chain (previous
+-- balance_after + amount = balance_after; versions 1, 2, 3, ...).
+SELECT a.id AS account_id, a.currency, a.balance, a.version,
+       coalesce(totals.entries_sum, 0) AS entries_sum, coalesce(totals.entries, 0) AS entries,
+       coalesce((SELECT jsonb_agg(jsonb_build_object(
+                     'entry_id', c.id::text, 'balance_after', c.balance_after,
+                     'expected_balance', c.expected_balance, 'account_version', c.account_version,
+                     'expected_version', c.expected_version) ORDER BY c.id)
+                   FROM (SELECT e.id, e.balance_after, e.account_version,
+                                sum(e.amount) OVER chain AS expected_balance,
+                                row_number() OVER chain AS expected_version
+                           FROM entries e WHERE e.account_id = a.id
+                         WINDOW chain AS (ORDER BY e.id)) c
+                  WHERE c.balance_after <> c.expected_balance
+                     OR c.account_version <> c.expected_version), '[]') AS chain_breaks
+  FROM accounts a
+  LEFT JOIN LATERAL (SELECT sum(amount) AS entries_sum, count(*) AS entries
+                       FROM entries WHERE account_id = a.id) totals ON true
+ WHERE a.id = %(id)s AND (%(owner)s::uuid IS NULL OR a.owner_key_id = %(owner)s::uuid);

@@ -80,6 +80,27 @@ def test_the_balance_check_rotates_through_every_account(client, db, database_ur
     assert named == {accounts[3], accounts[4]}
 
 
+def test_the_account_audit_endpoint_shows_differences_and_breaks(client, db):
+    from payflow.schemas import AccountAuditSchema
+
+    api = Api(client)
+    world, alice = create_system_account(db), api.create_account()
+    api.ok_transfer(world, alice, 100)
+    api.ok_transfer(world, alice, 50)
+    clean = client.get(f"/v1/accounts/{alice}/audit").get_json()
+    assert_schema(clean, AccountAuditSchema)
+    assert clean["consistent"] and clean["difference"] == 0 and clean["entries"] == 2
+    db.execute("UPDATE accounts SET balance = balance + 7 WHERE id = %s", (alice,))
+    db.execute("ALTER TABLE entries DISABLE TRIGGER entries_immutable")
+    db.execute("UPDATE entries SET balance_after = 99 WHERE account_id = %s AND account_version = 1",
+               (alice,))
+    db.execute("ALTER TABLE entries ENABLE TRIGGER entries_immutable")
+    broken = client.get(f"/v1/accounts/{alice}/audit").get_json()
+    assert not broken["consistent"] and broken["difference"] == 7
+    assert [b["account_version"] for b in broken["chain_breaks"]] == [1]
+    assert_error(client.get("/v1/accounts/nope/audit"), 404, "account_not_found")
+
+
 def test_a_broken_entry_chain_is_503_and_stays_reported(client, db):
     """An entry whose balance_after does not continue its account's chain
     (written around the posting function, by hand) is found by the audit."""
