@@ -77,6 +77,7 @@ class Worker:
         # are handed back once it returns rather than waiting out their lease.
         self._held: list[Task] = []
         self._current: Task | None = None
+        self._claimed_at = 0.0  # monotonic time just before the last claim was sent
         self._handlers = {"payout.requested": self._run_payout, "webhook.deliver": self._deliver_webhook}
 
     # -- the loop -------------------------------------------------------------
@@ -133,6 +134,7 @@ class Worker:
     # -- claiming and ending tasks --------------------------------------------
 
     def _claim(self) -> list[Task]:
+        self._claimed_at = time.monotonic()
         with self.pool.connection() as conn:
             rows = conn.execute(queries["outbox_claim"], {
                 "owner": self.owner, "batch_size": self.config.worker_batch_size_max,
@@ -152,8 +154,12 @@ class Worker:
         self._held, self._current = [], None
 
     def _renew(self, task: Task) -> bool:
-        """The lease covers the whole batch from the claim; each task gets a
-        fresh one before its effect, unless another worker has taken it."""
+        """The lease covers the whole batch from the claim. While less than half
+        of it has passed, nobody else can have the task (a lease only ends by
+        expiring), so no round trip; later, each task renews its own lease
+        before its effect, unless another worker has taken it."""
+        if time.monotonic() - self._claimed_at < self.config.worker_lease_seconds / 2:
+            return True
         with self.pool.connection() as conn:
             ours = conn.execute(queries["outbox_renew"], {
                 "id": task.id, "owner": self.owner,
