@@ -31,6 +31,13 @@ def run_home():
     home = Path(tempfile.mkdtemp(prefix=f"payflow-test-{os.getpid()}-run-"))
     home.chmod(0o755)
     yield home
+    # A test that failed half-way must not leave its service running: SIGKILL
+    # the runner's process group; the kernel's parent-death signals do the rest.
+    for service in Service.started:
+        if service.process.poll() is None:
+            os.killpg(service.process.pid, signal.SIGKILL)
+            service.process.wait()
+    Service.started.clear()
     import shutil
 
     shutil.rmtree(home, ignore_errors=True)
@@ -43,12 +50,15 @@ def _environment(home: Path, port: int) -> dict[str, str]:
 
 
 class Service:
+    started: list[Service] = []
+
     def __init__(self, command: list[str], home: Path) -> None:
         self.home, self.port = home, embedded.free_port()
         self.environ = _environment(home, self.port)
         self.process = subprocess.Popen(command, cwd=CHECKOUT, env=self.environ, text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         start_new_session=True)  # like a terminal's job
+        Service.started.append(self)
         self.output = self._read_until("Ctrl-C stops everything.")
         self.urls = json.loads((home / "servers.json").read_text())
 
