@@ -81,7 +81,6 @@ class Config:
     payout_http_url: str = ""
     payout_http_timeout_seconds: float = 10.0
     webhook_timeout_seconds: float = 10.0
-    webhook_tolerance_seconds: int = 300
 
     @classmethod
     def load(cls, overrides: Mapping | None = None, environ: Mapping | None = None) -> Config:

@@ -83,12 +83,7 @@ class RedisGuard:
         )
         self._release = self._client.register_script(_RELEASE_SCRIPT) if self._client else None
         self._down_until = 0.0
-        self._last_error: str | None = None
         self._lock = threading.Lock()
-
-    @property
-    def configured(self) -> bool:
-        return self._client is not None
 
     def _available(self) -> bool:
         return self._client is not None and time.monotonic() >= self._down_until
@@ -97,7 +92,6 @@ class RedisGuard:
         metrics.REDIS_ERRORS.inc()
         with self._lock:
             self._down_until = time.monotonic() + self._config.redis_retry_after_failure_seconds
-            self._last_error = str(error)
         log.warning("redis unavailable, serving from PostgreSQL alone: %s", error)
 
     def acquire(self, scope: str, key: str) -> InFlightLock:

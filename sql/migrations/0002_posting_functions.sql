@@ -133,6 +133,19 @@ BEGIN
     PERFORM payflow_idempotency_finish_v1(p_scope, p_key, p_fingerprint, status, body, p_ttl_seconds);
 END $$;
 
+-- A refusal: the {status, body} of a 4xx business outcome, stored for replay.
+CREATE FUNCTION payflow_refusal_v1(p_status integer, p_code text, p_message text, p_details jsonb)
+RETURNS jsonb LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT jsonb_build_object('status', p_status,
+                              'body', payflow_error_json(p_code, p_message, p_details))
+$$;
+
+-- A refusal as the (outcome, status, body) every posting function returns.
+CREATE FUNCTION payflow_refused_v1(refusal jsonb, OUT outcome text, OUT status integer, OUT body text)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT 'refused', (refusal ->> 'status')::integer, (refusal -> 'body')::text
+$$;
+
 -- The business checks of a transfer, on the locked rows. NULL when it may go
 -- ahead, else {status, body} of the refusal (a 4xx stored for replay).
 -- p_owner (a caller without admin scope) may move only its own accounts' money;
@@ -148,30 +161,30 @@ BEGIN
         source := NULL;
     END IF;
     IF source.id IS NULL OR destination.id IS NULL THEN
-        RETURN jsonb_build_object('status', 404, 'body', payflow_error_json(
+        RETURN payflow_refusal_v1(404,
             'account_not_found', 'No account with this id.',
-            jsonb_build_object('account_id', CASE WHEN source.id IS NULL THEN p_from ELSE p_to END)));
+            jsonb_build_object('account_id', CASE WHEN source.id IS NULL THEN p_from ELSE p_to END));
     END IF;
     IF source.currency <> destination.currency
        OR source.currency <> coalesce(p_currency, source.currency) THEN
         -- No detail of the destination: it may be another tenant's account.
-        RETURN jsonb_build_object('status', 422, 'body', payflow_error_json(
+        RETURN payflow_refusal_v1(422,
             'currency_mismatch', 'A transfer moves one currency, held by both accounts.',
             jsonb_build_object('from_currency', source.currency,
-                               'currency', coalesce(p_currency, source.currency))));
+                               'currency', coalesce(p_currency, source.currency)));
     END IF;
     IF source.overdraft_limit IS NOT NULL
        AND source.balance::numeric - p_amount
            < -(CASE WHEN p_allow_overdraft THEN source.overdraft_limit ELSE 0 END) THEN
-        RETURN jsonb_build_object('status', 422, 'body', payflow_error_json(
+        RETURN payflow_refusal_v1(422,
             'insufficient_funds', 'The source account cannot cover this amount.',
-            jsonb_build_object('account_id', source.id, 'amount', p_amount)));
+            jsonb_build_object('account_id', source.id, 'amount', p_amount));
     END IF;
     IF destination.balance::numeric + p_amount > bigint_max
        OR source.balance::numeric - p_amount < -bigint_max - 1 THEN
-        RETURN jsonb_build_object('status', 422, 'body', payflow_error_json(
+        RETURN payflow_refusal_v1(422,
             'balance_limit_exceeded', 'The transfer would take a balance past the 64-bit limit.',
-            jsonb_build_object('amount', p_amount)));
+            jsonb_build_object('amount', p_amount));
     END IF;
     RETURN NULL;
 END $$;
@@ -246,9 +259,7 @@ BEGIN
       FROM payflow_post_v1(p_kind, p_from, p_to, p_amount, p_currency, p_description,
                            p_metadata, NULL, p_owner);
     IF result.refusal IS NOT NULL THEN
-        outcome := 'refused';
-        status := (result.refusal ->> 'status')::integer;
-        body := (result.refusal -> 'body')::text;
+        SELECT r.* INTO outcome, status, body FROM payflow_refused_v1(result.refusal) r;
     ELSE
         INSERT INTO outbox (topic, payload)
         VALUES ('transfer.posted', jsonb_build_object('transfer_id', (result.posted).id));

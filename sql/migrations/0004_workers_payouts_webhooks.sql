@@ -155,6 +155,7 @@ DECLARE
     account accounts;
     clearing uuid;
     result record;
+    refusal jsonb;
     created payouts;
 BEGIN
     SELECT b.outcome, b.status, b.body INTO outcome, status, body
@@ -166,35 +167,31 @@ BEGIN
     SELECT * INTO account FROM accounts
      WHERE id = p_account AND (p_owner IS NULL OR owner_key_id = p_owner);
     IF account.id IS NULL THEN
-        outcome := 'refused';
-        status := 404;
-        body := payflow_error_json('account_not_found', 'No account with this id.',
-                                   jsonb_build_object('account_id', p_account))::text;
+        refusal := payflow_refusal_v1(404, 'account_not_found', 'No account with this id.',
+                                      jsonb_build_object('account_id', p_account));
     ELSIF account.is_system THEN  -- unlimited overdraft: it could pay out money nobody has
-        outcome := 'refused';
-        status := 422;
-        body := payflow_error_json('account_not_eligible', 'System accounts cannot be paid out.',
-                                   jsonb_build_object('account_id', p_account))::text;
+        refusal := payflow_refusal_v1(422, 'account_not_eligible', 'System accounts cannot be paid out.',
+                                      jsonb_build_object('account_id', p_account));
     ELSE
         clearing := payflow_system_account_v1('payout_clearing', account.currency);
         SELECT * INTO result
           -- Money leaves only from money held: never from an overdraft.
           FROM payflow_post_v1('payout', p_account, clearing, p_amount, p_currency,
                                'payout', '{}', NULL, p_owner, false);
-        IF result.refusal IS NOT NULL THEN
-            outcome := 'refused';
-            status := (result.refusal ->> 'status')::integer;
-            body := (result.refusal -> 'body')::text;
-        ELSE
-            INSERT INTO payouts (account_id, amount, currency, destination, transfer_id)
-            VALUES (p_account, p_amount, account.currency, p_destination, (result.posted).id)
-            RETURNING * INTO created;
-            INSERT INTO outbox (topic, payload)
-            VALUES ('payout.requested', jsonb_build_object('payout_id', created.id));
-            outcome := 'created';
-            status := 202;
-            body := payflow_payout_json(created)::text;
-        END IF;
+        refusal := result.refusal;
+    END IF;
+
+    IF refusal IS NOT NULL THEN
+        SELECT r.* INTO outcome, status, body FROM payflow_refused_v1(refusal) r;
+    ELSE
+        INSERT INTO payouts (account_id, amount, currency, destination, transfer_id)
+        VALUES (p_account, p_amount, account.currency, p_destination, (result.posted).id)
+        RETURNING * INTO created;
+        INSERT INTO outbox (topic, payload)
+        VALUES ('payout.requested', jsonb_build_object('payout_id', created.id));
+        outcome := 'created';
+        status := 202;
+        body := payflow_payout_json(created)::text;
     END IF;
     PERFORM payflow_idempotency_finish_v1(p_scope, p_key, p_fingerprint, status, body, p_ttl_seconds);
 END $$;

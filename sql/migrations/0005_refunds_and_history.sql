@@ -50,21 +50,21 @@ BEGIN
                                           AND a.owner_key_id = p_owner))
        FOR UPDATE;
     IF original.id IS NULL THEN
-        refusal := jsonb_build_object('status', 404, 'body', payflow_error_json(
-            'transfer_not_found', 'No transfer with this id.', jsonb_build_object('transfer_id', p_transfer)));
+        refusal := payflow_refusal_v1(404, 'transfer_not_found', 'No transfer with this id.',
+                                      jsonb_build_object('transfer_id', p_transfer));
     ELSIF original.kind <> 'transfer' THEN
-        refusal := jsonb_build_object('status', 422, 'body', payflow_error_json(
-            'not_refundable', 'Only transfers can be refunded (not refunds, payouts or reversals).',
-            jsonb_build_object('transfer_id', p_transfer, 'kind', original.kind)));
+        refusal := payflow_refusal_v1(
+            422, 'not_refundable', 'Only transfers can be refunded (not refunds, payouts or reversals).',
+            jsonb_build_object('transfer_id', p_transfer, 'kind', original.kind));
     ELSE
         SELECT coalesce(sum(amount), 0) INTO refunded FROM transfers
          WHERE reverses_transfer_id = original.id AND kind = 'refund';
         refund_amount := coalesce(p_amount, original.amount - refunded);
         IF refund_amount <= 0 OR refunded + refund_amount > original.amount THEN
-            refusal := jsonb_build_object('status', 422, 'body', payflow_error_json(
-                'refund_exceeds_transfer', 'Refunds cannot add up to more than the transfer.',
+            refusal := payflow_refusal_v1(
+                422, 'refund_exceeds_transfer', 'Refunds cannot add up to more than the transfer.',
                 jsonb_build_object('transfer_id', p_transfer, 'amount', original.amount,
-                                   'amount_refunded', refunded, 'requested', refund_amount)));
+                                   'amount_refunded', refunded, 'requested', refund_amount));
         END IF;
     END IF;
 
@@ -78,9 +78,7 @@ BEGIN
     END IF;
 
     IF refusal IS NOT NULL THEN
-        outcome := 'refused';
-        status := (refusal ->> 'status')::integer;
-        body := (refusal -> 'body')::text;
+        SELECT r.* INTO outcome, status, body FROM payflow_refused_v1(refusal) r;
     ELSE
         INSERT INTO outbox (topic, payload)
         VALUES ('transfer.posted', jsonb_build_object('transfer_id', (result.posted).id));
