@@ -264,8 +264,11 @@ class Receiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 headers = {name.lower(): value for name, value in self.headers.items()}
                 receiver.deliveries.append((headers, body))
-                self.send_response(receiver.status)
-                self.end_headers()
+                try:
+                    self.send_response(receiver.status)
+                    self.end_headers()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the worker gave up waiting: a failed delivery, retried
 
             def log_message(self, *args):
                 pass
