@@ -24,6 +24,7 @@ from pathlib import Path
 
 import psycopg
 
+from bench.memory import peak_rss_mib
 from payflow import embedded, migrations
 
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -67,9 +68,11 @@ def drain(database_url: str, tasks: int, workers: int, log_dir: Path) -> dict:
         while left(conn):
             time.sleep(0.05)
         elapsed = time.perf_counter() - started
+        rss = [peak_rss_mib(process.pid) for process in processes]
         stop(processes)
     return {"scenario": "outbox-drain", "workers": workers, "tasks": tasks,
-            "seconds": round(elapsed, 3), "tasks_per_second": round(tasks / elapsed, 1)}
+            "seconds": round(elapsed, 3), "tasks_per_second": round(tasks / elapsed, 1),
+            "worker_peak_rss_mib": rss}
 
 
 def wakeup(database_url: str, count: int, workers: int, log_dir: Path) -> dict:
@@ -94,7 +97,7 @@ def wakeup(database_url: str, count: int, workers: int, log_dir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=20_000)
+    parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--wakeups", type=int, default=200)
     parser.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4])
     args = parser.parse_args()

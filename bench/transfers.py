@@ -36,6 +36,7 @@ from pathlib import Path
 import psycopg
 from psycopg.rows import dict_row
 
+from bench.memory import children_peak_rss_mib
 from payflow import apikeys, embedded, migrations
 from payflow.audit import full_audit
 
@@ -43,15 +44,10 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 RESULTS = CHECKOUT / "bench" / "results"
 OPENING_BALANCE = 10**9  # minor units per account: nobody runs dry during a run
 
-PGBENCH_SCRIPT = r"""
-\set a random(1, :naccounts)
-\set k random(0, :naccounts - 2)
-\set b 1 + (:a + :k) %% :naccounts
-\set r random(1, 2000000000)
-SELECT * FROM payflow_post_transfer_v1('pgbench', 'pg-' || :client_id || '-' || :r, repeat('0', 64),
-    86400, 'transfer', (SELECT id FROM bench_accounts WHERE n = %(source)s),
-    (SELECT id FROM bench_accounts WHERE n = :b), 1, NULL, NULL, NULL);
-"""
+# pgbench scripts: the transfer transaction as one call (payflow's form) and
+# as one statement per round trip; "%(source)s" is :a (uniform) or 0 (hot).
+PGBENCH_FORMS = {"single-call": CHECKOUT / "bench" / "pgbench" / "single_call.sql",
+                 "per-statement": CHECKOUT / "bench" / "pgbench" / "per_statement.sql"}
 
 
 def seed(conn, accounts: int) -> list[str]:
@@ -115,9 +111,9 @@ def drive(plan: dict, workdir: Path) -> dict:
 
 
 def pgbench(bin_dir: Path, url: str, clients: int, seconds: int, accounts: int, hot: bool,
-            workdir: Path) -> dict:
-    script = workdir / f"pgbench-{'hot' if hot else 'uniform'}.sql"
-    script.write_text(PGBENCH_SCRIPT % {"source": "0" if hot else ":a"})
+            workdir: Path, form: str = "single-call") -> dict:
+    script = workdir / f"pgbench-{form}-{'hot' if hot else 'uniform'}.sql"
+    script.write_text(PGBENCH_FORMS[form].read_text() % {"source": "0" if hot else ":a"})
     result = subprocess.run(
         [str(bin_dir / "pgbench"), "-n", "-M", "prepared", "-c", str(clients),
          "-j", str(min(clients, os.cpu_count() or 1)), "-T", str(seconds), "-D",
@@ -183,6 +179,8 @@ def main() -> int:
                 for scenario, hot in (("transfer-uniform", False), ("transfer-hot", True)):
                     for clients in args.clients:
                         ceiling = pgbench(bin_dir, url, clients, args.seconds, args.accounts, hot, home)
+                        statements = pgbench(bin_dir, url, clients, args.seconds, args.accounts, hot,
+                                             home, form="per-statement")
                         plan = {"host": "127.0.0.1", "port": port, "seconds": args.seconds,
                                 "clients": clients, "api_keys": keys[:clients], "accounts": accounts[1:],
                                 "hot_account": accounts[0] if hot else None}
@@ -190,7 +188,9 @@ def main() -> int:
                         ratio = round(result["per_second"] / ceiling["per_second"], 3)
                         rows.append({"scenario": scenario, "clients": clients, **result,
                                      "ceiling_per_second": ceiling["per_second"],
-                                     "ratio_to_ceiling": ratio, "ceiling_errors": ceiling["errors"]})
+                                     "ratio_to_ceiling": ratio,
+                                     "per_statement_ceiling_per_second": statements["per_second"],
+                                     "ceiling_errors": ceiling["errors"] + statements["errors"]})
                 clients = max(args.clients[:3])
                 keys_done = replay_keys(port, keys[0], accounts, 200)
                 replay = drive({"host": "127.0.0.1", "port": port, "seconds": args.seconds,
@@ -200,6 +200,7 @@ def main() -> int:
                                and r["clients"] == clients)
                 rows.append({"scenario": "idempotent-replay", "clients": clients, **replay,
                              "cost_vs_transfer": round(uniform["per_second"] / replay["per_second"], 3)})
+                memory = {"api_worker_peak_rss_mib": children_peak_rss_mib(api.pid)}
             finally:
                 api.terminate()
                 api.wait(timeout=60)
@@ -207,7 +208,8 @@ def main() -> int:
         shutil.rmtree(home, ignore_errors=True)
 
     columns = ["scenario", "clients", "per_second", "p50_ms", "p99_ms", "max_ms", "errors",
-               "ratio_to_ceiling", "ceiling_per_second", "cost_vs_transfer", "driver_cpu_percent"]
+               "ratio_to_ceiling", "ceiling_per_second", "per_statement_ceiling_per_second",
+               "cost_vs_transfer", "driver_cpu_percent"]
     print("  ".join(f"{name:>18}" for name in columns))
     for row in rows:
         print("  ".join(f"{str(row.get(name, '')):>18}" for name in columns))
@@ -220,8 +222,9 @@ def main() -> int:
                                "synchronous_commit": "on (default)"},
                   "api": "gunicorn gthread, PAYFLOW_WEB_WORKERS=cores, threads=pool_size_max (8)",
                   "accounts": args.accounts, "seed_seconds": round(seed_seconds, 1),
-                  "seconds_per_run": args.seconds, "results": rows}
+                  "seconds_per_run": args.seconds, "memory": memory, "results": rows}
         (RESULTS / "transfers.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"peak RSS per API worker (MiB): {memory['api_worker_peak_rss_mib']}")
     print(f"errors: {errors}")
     return 1 if errors else 0
 

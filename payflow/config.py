@@ -31,6 +31,10 @@ class Config:
     lock_timeout_ms: int = 2000
     prepare_threshold: int = 0  # 0: prepare every statement at first use
 
+    # Group commit: concurrent transfers in one process share a transaction
+    # (payflow/batching.py); 1 turns it off.
+    transfer_batch_size_max: int = 32
+
     # Transactions that hit a deadlock or serialization failure are retried.
     transaction_retries_max: int = 3
 
@@ -38,6 +42,9 @@ class Config:
     idempotency_scope: str = "default"
     idempotency_key_ttl_seconds: int = 24 * 3600
     idempotency_lock_ms: int = 10_000
+    # A completed answer stays in Redis this long: replays inside it skip the
+    # database (retries come within seconds; the database keeps keys for 24 h).
+    idempotency_replay_cache_ms: int = 60_000
     redis_key_prefix: str = "payflow"
     redis_timeout_ms: int = 250
     redis_retry_after_failure_seconds: float = 1.0

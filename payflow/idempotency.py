@@ -28,11 +28,37 @@ log = logging.getLogger(__name__)
 IDEMPOTENCY_HEADERS = ("X-Idempotency-Key", "Idempotency-Key")
 KEY_CHARS_MAX = 255
 
+# One round trip before a request runs: the caller's rate-limit counter and,
+# for a keyed write under the limit, the in-flight lock, or the completed
+# response cached in its place. Both names carry the caller's key id as a hash
+# tag, so Redis Cluster keeps them in one slot.
+# KEYS[1] counter, KEYS[2] lock (when ARGV[1] = 'lock')
+# ARGV: mode ('count' | 'lock'), limit (0: none), window s, token, lock ms
+_ADMIT_SCRIPT = """
+local count = redis.call('incr', KEYS[1])
+if count == 1 then redis.call('expire', KEYS[1], ARGV[3]) end
+if ARGV[1] ~= 'lock' or (tonumber(ARGV[2]) > 0 and count > tonumber(ARGV[2])) then
+  return {count, false, false}
+end
+if redis.call('set', KEYS[2], ARGV[4], 'NX', 'PX', ARGV[5]) then return {count, 'acquired', false} end
+local held = redis.call('get', KEYS[2])
+if held and string.sub(held, 1, 5) == 'done:' then return {count, 'done', held} end
+return {count, 'held', redis.call('pttl', KEYS[2])}
+"""
+
+# The lock becomes the completed response (a replay then needs no database),
+# only if it is still ours: it may have expired and been retaken.
+_COMPLETE_SCRIPT = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+return 0
+"""
+
 # Deletes the lock only if it is still ours (it may have expired and been retaken).
 _RELEASE_SCRIPT = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
+_DONE = "done:"
 
 
 def key_from_headers(headers, required: bool) -> str | None:
@@ -57,17 +83,42 @@ def fingerprint(method: str, path: str, body: object) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class Completed:
+    """A completed request's answer, as cached in Redis after its commit."""
+    fingerprint: str
+    status: int
+    body: str
+
+    def encode(self) -> str:
+        return f"{_DONE}{self.fingerprint}:{self.status}:{self.body}"
+
+    @classmethod
+    def decode(cls, value: str) -> Completed:
+        fingerprint, status, body = value.removeprefix(_DONE).split(":", 2)
+        return cls(fingerprint, int(status), body)
+
+
 @dataclass
 class InFlightLock:
     acquired: bool
     name: str = ""
     token: str = ""
     retry_after_seconds: int = 1
+    completed: Completed | None = None  # held by a finished request: its answer
+    settled: bool = False  # completed or released by its owner
+
+
+@dataclass(frozen=True)
+class Admission:
+    count: int | None  # requests in the caller's window; None: Redis unavailable
+    lock: InFlightLock | None  # None: no lock asked for (or over the limit)
 
 
 class RedisGuard:
-    """The in-flight lock. Failures open a short circuit so a dead Redis costs
-    one timeout per `redis_retry_after_failure_seconds`, not one per request."""
+    """The in-flight lock and the rate counter. Failures open a short circuit
+    so a dead Redis costs one timeout per `redis_retry_after_failure_seconds`,
+    not one per request."""
 
     def __init__(self, config: Config) -> None:
         self._config = config
@@ -81,7 +132,10 @@ class RedisGuard:
             if config.redis_url
             else None
         )
-        self._release = self._client.register_script(_RELEASE_SCRIPT) if self._client else None
+        if self._client:
+            self._admit = self._client.register_script(_ADMIT_SCRIPT)
+            self._complete = self._client.register_script(_COMPLETE_SCRIPT)
+            self._release = self._client.register_script(_RELEASE_SCRIPT)
         self._down_until = 0.0
         self._lock = threading.Lock()
 
@@ -94,42 +148,63 @@ class RedisGuard:
             self._down_until = time.monotonic() + self._config.redis_retry_after_failure_seconds
         log.warning("redis unavailable, serving from PostgreSQL alone: %s", error)
 
-    def acquire(self, scope: str, key: str) -> InFlightLock:
+    def _name(self, scope: str, kind: str, suffix: str) -> str:
+        return f"{self._config.redis_key_prefix}:{{{scope}}}:{kind}:{suffix}"
+
+    def admit(self, scope: str, key: str | None, limit: int, window_seconds: int,
+              window: int) -> Admission:
+        """Counts the request in the caller's rate window and, when `key` is
+        given and the count is within `limit` (0: no limit), takes the key's
+        in-flight lock: one round trip."""
         if not self._available():
-            return InFlightLock(acquired=True)  # degraded: the database decides alone
-        name = f"{self._config.redis_key_prefix}:idem:{scope}:{key}"
+            return Admission(None, InFlightLock(acquired=True) if key else None)  # the database decides
+        counter = self._name(scope, "rate", str(window))
         token = uuid.uuid4().hex
+        keys = [counter, self._name(scope, "idem", key)] if key else [counter]
         try:
-            if self._client.set(name, token, nx=True, px=self._config.idempotency_lock_ms):
-                return InFlightLock(acquired=True, name=name, token=token)
-            remaining_ms = self._client.pttl(name)
+            count, state, value = self._admit(keys=keys, args=[
+                "lock" if key else "count", limit, window_seconds, token,
+                self._config.idempotency_lock_ms])
         except redis.RedisError as error:
             self._failed(error)
-            return InFlightLock(acquired=True)
-        return InFlightLock(acquired=False, retry_after_seconds=max(1, -(-remaining_ms // 1000)))
+            return Admission(None, InFlightLock(acquired=True) if key else None)
+        match state:
+            case b"acquired":
+                lock = InFlightLock(acquired=True, name=keys[1], token=token)
+            case b"done":
+                lock = InFlightLock(acquired=False, completed=Completed.decode(value.decode()))
+            case b"held":
+                lock = InFlightLock(acquired=False, retry_after_seconds=max(1, -(-int(value) // 1000)))
+            case _:
+                lock = None
+        return Admission(count, lock)
+
+    def acquire(self, scope: str, key: str) -> InFlightLock:
+        """The in-flight lock alone, for callers outside a request (no rate limit)."""
+        return self.admit(scope, key, limit=0, window_seconds=1, window=0).lock
+
+    def complete(self, lock: InFlightLock, completed: Completed) -> None:
+        """Swap our lock for the committed answer, kept for
+        `idempotency_replay_cache_ms`: replays inside it skip the database."""
+        lock.settled = True
+        if not lock.name or not self._available():
+            return
+        try:
+            # Never longer than the database keeps the key.
+            keep_ms = min(self._config.idempotency_replay_cache_ms,
+                          self._config.idempotency_key_ttl_seconds * 1000)
+            self._complete(keys=[lock.name], args=[lock.token, completed.encode(), keep_ms])
+        except redis.RedisError as error:
+            self._failed(error)  # the lock expires by itself
 
     def release(self, lock: InFlightLock) -> None:
+        lock.settled = True
         if not lock.name or not self._available():
             return
         try:
             self._release(keys=[lock.name], args=[lock.token])
         except redis.RedisError as error:
             self._failed(error)  # the lock expires by itself
-
-    def count_in_window(self, name: str, window_seconds: int) -> int | None:
-        """Increments a counter that expires with its window; None when Redis
-        is unavailable (callers fail open)."""
-        if not self._available():
-            return None
-        try:
-            pipeline = self._client.pipeline(transaction=False)
-            pipeline.incr(name)
-            pipeline.expire(name, window_seconds)  # the name carries its window: no drift
-            count, _ = pipeline.execute()
-        except redis.RedisError as error:
-            self._failed(error)
-            return None
-        return count
 
     def ping(self) -> str:
         """'ok', 'down' or 'not configured', for /ready."""

@@ -17,9 +17,10 @@ import psycopg_pool
 from psycopg.types.json import Jsonb
 
 from payflow import errors, metrics
+from payflow.batching import TransferBatcher, batch_items
 from payflow.config import Config
 from payflow.db import run_with_retries, wrap_errors
-from payflow.idempotency import RedisGuard
+from payflow.idempotency import Completed, InFlightLock, RedisGuard
 from payflow.queries import queries
 
 CURSOR_PREFIX = "entries:"
@@ -42,6 +43,7 @@ class IdempotentRequest:
     fingerprint: str | None
     scope: str | None = None  # the caller's API key id; None: the configured default
     owner: str | None = None  # the caller's key id when not admin: it may move only its money
+    lock: InFlightLock | None = None  # taken before the request ran (auth); else taken here
 
 
 class Ledger:
@@ -49,6 +51,8 @@ class Ledger:
         self._config = config
         self._pool = pool
         self._guard = guard
+        self._batcher = TransferBatcher(lambda params: self._call_alone("post_transfer", params),
+                                        self._post_many, config.transfer_batch_size_max)
 
     # -- writes ---------------------------------------------------------------
 
@@ -94,16 +98,36 @@ class Ledger:
                   "ttl_seconds": self._config.idempotency_key_ttl_seconds}
         if request.key is None:
             return self._outcome(self._call(query_name, params))
-        lock = self._guard.acquire(scope, request.key)
+        lock = request.lock or self._guard.acquire(scope, request.key)
+        if lock.completed:  # answered before, with another body (a replay never gets here)
+            if lock.completed.fingerprint == request.fingerprint:
+                return Outcome(lock.completed.status, lock.completed.body, replayed=True)
+            metrics.IDEMPOTENCY_CONFLICTS.labels("idempotency_key_reused").inc()
+            raise errors.IdempotencyKeyReused()
         if not lock.acquired:
             return self._while_in_flight(scope, request, lock.retry_after_seconds)
         try:
-            row = self._call(query_name, params)
-        finally:
-            self._guard.release(lock)
-        return self._outcome(row)
+            outcome = self._outcome(self._call(query_name, params))
+        except BaseException:
+            self._guard.release(lock)  # nothing stored: the key stays free
+            raise
+        # The answer is committed: keep it in Redis for quick replays.
+        self._guard.complete(lock, Completed(request.fingerprint, outcome.status, outcome.body))
+        return outcome
+
+    def _post_many(self, params_list: list[dict]) -> list[dict]:
+        def transaction() -> list[dict]:
+            with self._pool.connection() as conn:
+                return conn.execute(queries["post_transfers"], {"items": batch_items(params_list)}).fetchall()
+
+        return run_with_retries(self._config, transaction)
 
     def _call(self, query_name: str, params: dict) -> dict:
+        if query_name == "post_transfer":
+            return self._batcher.post(params)
+        return self._call_alone(query_name, params)
+
+    def _call_alone(self, query_name: str, params: dict) -> dict:
         def transaction() -> dict:
             with self._pool.connection() as conn:
                 return conn.execute(queries[query_name], params).fetchone()

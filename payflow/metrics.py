@@ -35,6 +35,9 @@ IDEMPOTENCY_CONFLICTS = Counter("payflow_idempotency_conflicts_total",
 TRANSFERS = Counter("payflow_transfers_total", "Transfers posted", ["currency"])
 TRANSFERRED_MINOR_UNITS = Counter("payflow_transferred_minor_units_total",
                                   "Amounts posted, in minor units", ["currency"])
+TRANSFER_BATCH_SIZE = Histogram("payflow_transfer_batch_size",
+                                "Transfers posted per transaction (group commit)",
+                                buckets=(1, 2, 4, 8, 16, 32, 64))
 REDIS_ERRORS = Counter("payflow_redis_errors_total", "Redis calls that failed (served without Redis)")
 POOL_CONNECTIONS = Gauge("payflow_db_pool_connections", "Pooled connections, by state",
                          ["state"], multiprocess_mode="livesum")

@@ -105,6 +105,7 @@ class Worker:
         """Claims one batch and runs it; returns how many tasks it claimed."""
         tasks = self._claim()
         self._held = list(tasks)
+        tasks = self._fan_out_events(tasks)
         for task in tasks:
             if self.stopping.is_set():
                 break
@@ -207,6 +208,30 @@ class Worker:
         self._finish(task, "retry", reason, datetime.now(UTC) + timedelta(seconds=delay))
 
     # -- the effects ------------------------------------------------------------
+
+    def _fan_out_events(self, tasks: list[Task]) -> list[Task]:
+        """Ends the batch's event tasks in one transaction (one commit, not one
+        per task) while the batch's lease is young; returns the tasks left to
+        run one by one. If that transaction fails, the events run one by one
+        too, each with its own retry."""
+        events = [task for task in tasks if task.topic in EVENT_TOPICS]
+        if len(events) < 2 or time.monotonic() - self._claimed_at >= self.config.worker_lease_seconds / 2:
+            return tasks
+        try:
+            with self.pool.connection() as conn:
+                ours = {row["task_id"] for row in conn.execute(queries["webhook_fan_out_many"], {
+                    "task_ids": [task.id for task in events], "owner": self.owner})}
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout):
+            raise  # the connection is gone: the batch is handed back when it returns
+        except psycopg.Error as error:
+            log.warning("fanning out %d events at once failed (%s); one by one", len(events), error)
+            return tasks
+        for task in events:
+            self._held.remove(task)
+            if task.id not in ours:
+                log.warning("task %d was no longer ours (lease expired); left to its new owner",
+                            task.id, extra=_fields(task))
+        return [task for task in tasks if task.topic not in EVENT_TOPICS]
 
     def _fan_out(self, task: Task) -> None:
         with self.pool.connection() as conn:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from flask import Flask, current_app, g, request
 
-from payflow import apikeys, errors
+from payflow import apikeys, errors, idempotency
 from payflow.api.services import services
 from payflow.db import wrap_errors
 
@@ -37,14 +37,42 @@ def _authenticate() -> None:
     if found is None:
         raise errors.Unauthorized("This API key is not valid (unknown or revoked).")
     g.caller = found
-    services().rate_limiter.check(found.key_id)
     view = current_app.view_functions.get(request.endpoint)
+    needed = getattr(view, "required_scope", "admin")
+    allowed = view is not None and found.may(needed)
+    # One Redis round trip: the rate counter and, for an allowed keyed write,
+    # the idempotency key's in-flight lock (or its cached answer).
+    admission = services().rate_limiter.admit(found.key_id, _idempotency_key(view) if allowed else None)
+    g.in_flight = admission.lock
     if view is None:
         return  # no such route (or method): 404 / 405 follow
-    needed = getattr(view, "required_scope", "admin")
-    if not found.may(needed):
+    if not allowed:
         raise errors.Forbidden(details={"required_scope": needed})
+
+
+def _idempotency_key(view) -> str | None:
+    """The request's key when its view honours one and it is well formed;
+    a missing or malformed key is the view's to refuse (json_body)."""
+    if getattr(view, "idempotency", "none") == "none":
+        return None
+    try:
+        return idempotency.key_from_headers(request.headers, required=False)
+    except errors.ApiError:
+        return None
+
+
+def in_flight() -> idempotency.InFlightLock | None:
+    return g.get("in_flight")
+
+
+def _release_unsettled(_error) -> None:
+    """A request that ended before its lock was completed or released (a
+    validation error, an unknown id) must not hold its key."""
+    lock = g.get("in_flight")
+    if lock is not None and lock.name and not lock.settled:
+        services().guard.release(lock)
 
 
 def register(app: Flask) -> None:
     app.before_request(_authenticate)
+    app.teardown_request(_release_unsettled)

@@ -11,7 +11,7 @@ from flask import Response, request
 from marshmallow import Schema, ValidationError
 
 from payflow import errors, idempotency
-from payflow.api.auth import caller
+from payflow.api.auth import caller, in_flight
 from payflow.ledger import IdempotentRequest, Outcome
 
 # An integer literal this long is far past any bigint; parsing it exactly
@@ -60,13 +60,20 @@ def json_body(blueprint, schema_class: type[Schema], idempotency_key: str):
         def wrapper(*args, **kwargs):
             raw = parse_json_body()
             key = idempotency.key_from_headers(request.headers, required=required) if honoured else None
-            body = load(schema, raw)
             fingerprint = idempotency.fingerprint(request.method, request.path, raw) if key else None
+            lock = in_flight() if key else None
+            if lock is not None and lock.completed and lock.completed.fingerprint == fingerprint:
+                # The very request already answered: replay it. Its body was
+                # valid the first time, so it needs no validation now.
+                return outcome_response(Outcome(lock.completed.status, lock.completed.body, replayed=True))
+            body = load(schema, raw)
             who = caller()
             # Idempotency keys are scoped per API key: two callers' keys never collide.
             idempotent = IdempotentRequest(key, fingerprint, scope=who.key_id if who else None,
-                                           owner=who.owner if who else None)
+                                           owner=who.owner if who else None, lock=lock)
             return view(body, idempotent, *args, **kwargs)
+
+        wrapper.idempotency = idempotency_key  # read by auth: take the key's lock up front
 
         header = {"name": "X-Idempotency-Key", "in": "header", "required": required,
                   "schema": {"type": "string", "minLength": 1, "maxLength": 255},

@@ -116,3 +116,8 @@ SELECT a.id AS account_id, a.currency, a.balance, a.version,
   LEFT JOIN LATERAL (SELECT sum(amount) AS entries_sum, count(*) AS entries
                        FROM entries WHERE account_id = a.id) totals ON true
  WHERE a.id = %(id)s AND (%(owner)s::uuid IS NULL OR a.owner_key_id = %(owner)s::uuid);
+
+-- name: post_transfers
+-- Posts a batch of transfers in one transaction (group commit); one row per
+-- item, in order.
+SELECT ordinality, outcome, status, body FROM payflow_post_transfers_v1(%(items)s) ORDER BY ordinality;

@@ -19,3 +19,7 @@ SELECT url, secret FROM webhook_endpoints WHERE id = %(id)s AND enabled;
 -- name: webhook_fan_out
 -- Turns an event task into one delivery task per subscribed endpoint, ending the event task.
 SELECT payflow_webhook_fan_out_v1(%(task_id)s, %(owner)s) AS queued;
+
+-- name: webhook_fan_out_many
+-- Fans out several event tasks in one transaction; the ids of those still ours.
+SELECT task_id FROM payflow_webhook_fan_out_many_v1(%(task_ids)s, %(owner)s);

@@ -96,12 +96,16 @@ def test_a_rolled_back_transaction_does_not_burn_the_key(funded, db):
     assert api.balance(source) == 10_000 - 100
 
 
-def test_a_key_expires_after_its_ttl(funded, db):
+def test_a_key_expires_after_its_ttl(funded, db, app):
     api, source, destination = funded
     key = new_key()
     assert api.transfer(source, destination, 100, key=key).status_code == 201
+    # A day passes: the key expires in the database, and long before that its
+    # answer left the Redis replay cache.
     db.execute("UPDATE idempotency_keys SET expires_at = now() - interval '1 second' WHERE key = %s",
                (key,))
+    guard = app.extensions["payflow"].guard
+    assert guard._client.delete(guard._name(app.config["TEST_API_KEY_ID"], "idem", key)) == 1
     again = api.transfer(source, destination, 200, key=key)
     assert again.status_code == 201 and "Idempotent-Replayed" not in again.headers
 
@@ -127,11 +131,12 @@ def test_an_orphaned_redis_lock_still_replays_a_completed_request(funded, app):
     key = new_key()
     first = api.transfer(source, destination, 100, key=key)
     guard = app.extensions["payflow"].guard
-    lock = guard.acquire(app.config["TEST_API_KEY_ID"], key)  # a process that died holding it
-    assert lock.acquired
+    # A process that died holding the lock, over the cached answer.
+    name = guard._name(app.config["TEST_API_KEY_ID"], "idem", key)
+    guard._client.set(name, "token-of-a-dead-process", px=10_000)
     again = api.transfer(source, destination, 100, key=key)
     assert again.headers["Idempotent-Replayed"] == "true" and again.get_data() == first.get_data()
-    guard.release(lock)
+    assert guard._client.get(name) == b"token-of-a-dead-process"  # not ours: left alone
 
 
 def test_concurrent_requests_with_one_key_execute_once(live_server):
@@ -237,3 +242,18 @@ def test_with_redis_stopped_concurrent_requests_with_one_key_execute_once(redis_
         worker.join()
     results.append({"balance": api.balance(source)})
     _assert_one_execution(results, {"database_url": database_url})
+
+
+def test_a_replay_inside_the_cache_window_needs_no_database(funded, db, app):
+    """The committed answer is cached in Redis: with the database's record
+    gone, a replay still answers the very bytes; a different body is still
+    refused as a reused key, and an invalid one still fails validation."""
+    api, source, destination = funded
+    key = new_key()
+    first = api.transfer(source, destination, 100, key=key)
+    db.execute("DELETE FROM idempotency_keys WHERE key = %s", (key,))
+    again = api.transfer(source, destination, 100, key=key)
+    assert again.headers["Idempotent-Replayed"] == "true" and again.get_data() == first.get_data()
+    assert_error(api.transfer(source, destination, 200, key=key), 422, "idempotency_key_reused")
+    assert_error(api.transfer(source, destination, -5, key=key), 422, "validation_error")
+    assert api.balance(source) == 10_000 - 100

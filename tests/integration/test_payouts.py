@@ -364,3 +364,25 @@ def test_outbox_stats(client, funded):
     assert stats["by_status"]["pending"] == 2 and stats["dead"] == 0
     assert stats["by_topic"]["transfer.posted"] == {"pending": 2}
     assert stats["oldest_pending_age_seconds"] >= 0
+
+
+def test_a_batch_of_events_fans_out_in_one_go_each_to_its_subscribers_once(client, db, funded,
+                                                                          make_worker, receiver):
+    api, account = funded
+    posted_only = register(client, receiver.url + "/posted", ["transfer.posted"])
+    register(client, receiver.url + "/payouts", ["payout.succeeded"])
+    other = api.create_account()
+    transfers = [api.ok_transfer(account, other, 1)["id"] for _ in range(10)]
+    worker = make_worker()
+    calls = []
+    fan_out_many = worker._fan_out_events
+    worker._fan_out_events = lambda tasks: calls.append(len(tasks)) or fan_out_many(tasks)
+    drain(worker)
+
+    assert calls[0] >= 10  # one claimed batch held every event
+    delivered = sorted(json.loads(body)["data"]["transfer_id"] for _, body in receiver.deliveries)
+    assert delivered == sorted(transfers)  # the /posted endpoint only, once each
+    assert all(json.loads(body)["type"] == "transfer.posted" for _, body in receiver.deliveries)
+    assert posted_only["id"]
+    left = db.execute("SELECT count(*) AS n FROM outbox WHERE status <> 'done'").fetchone()["n"]
+    assert left == 0

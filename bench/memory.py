@@ -1,0 +1,30 @@
+"""Peak resident memory (VmHWM) of a process's children, from /proc (Linux)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def children_peak_rss_mib(pid: int) -> list[float]:
+    """Each child's peak RSS in MiB (e.g. gunicorn's workers under its master)."""
+    return [rss for rss in (peak_rss_mib(child) for child in children(pid)) if rss is not None]
