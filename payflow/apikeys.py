@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 
 import psycopg
@@ -18,6 +20,7 @@ from payflow.queries import queries
 SECRET_PREFIX = "pf_live_"
 SCOPES = ("read", "transfers:write", "admin")
 SECRET_CHARS_MAX = 200
+KEY_CACHE_ENTRIES_MAX = 10_000  # per process; live keys are far fewer
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,12 @@ def create(conn: psycopg.Connection, name: str, scopes: list[str]) -> tuple[str,
     return str(key_id), secret
 
 
+def well_formed(secret: str) -> bool:
+    return secret.startswith(SECRET_PREFIX) and len(secret) <= SECRET_CHARS_MAX
+
+
 def authenticate(conn: psycopg.Connection, secret: str) -> Caller | None:
-    if not secret.startswith(SECRET_PREFIX) or len(secret) > SECRET_CHARS_MAX:
+    if not well_formed(secret):
         return None
     digest = _digest(secret)
     row = conn.execute(queries["authenticate_api_key"], {"secret_sha256": digest}).fetchone()
@@ -73,3 +80,42 @@ def list_keys(conn: psycopg.Connection) -> list[dict]:
 
 def revoke(conn: psycopg.Connection, key_id: str) -> bool:
     return conn.execute(queries["revoke_api_key"], {"id": key_id}).fetchone() is not None
+
+
+class KeyCache:
+    """Live keys this process has looked up, for `ttl_seconds`: a request then
+    needs no database round trip to authenticate.
+
+    Revocation stays immediate: `payflow keys revoke` also marks the key
+    revoked in Redis (RedisGuard.mark_revoked, kept longer than any entry
+    here), and every request reads that mark in the Redis round trip it makes
+    anyway (RedisGuard.admit). The cache is used only while Redis answers;
+    a revocation Redis never heard of (plain SQL, Redis down) takes effect
+    within `ttl_seconds`."""
+
+    def __init__(self, ttl_seconds: float) -> None:
+        self._ttl_seconds = ttl_seconds
+        self._entries: dict[bytes, tuple[Caller, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, secret: str) -> Caller | None:
+        entry = self._entries.get(_digest(secret))
+        if entry is None or time.monotonic() >= entry[1]:
+            return None
+        return entry[0]
+
+    def put(self, secret: str, caller: Caller) -> None:
+        if self._ttl_seconds <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if len(self._entries) >= KEY_CACHE_ENTRIES_MAX:  # bounded: drop the expired
+                self._entries = {digest: entry for digest, entry in self._entries.items() if entry[1] > now}
+                if len(self._entries) >= KEY_CACHE_ENTRIES_MAX:
+                    self._entries.clear()
+            self._entries[_digest(secret)] = (caller, now + self._ttl_seconds)
+
+    def drop(self, key_id: str) -> None:
+        with self._lock:
+            self._entries = {digest: entry for digest, entry in self._entries.items()
+                             if entry[0].key_id != key_id}

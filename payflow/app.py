@@ -21,6 +21,7 @@ from payflow.api import (
     webhooks,
 )
 from payflow.api.services import Services
+from payflow.apikeys import KeyCache
 from payflow.config import Config
 from payflow.db import create_pool
 from payflow.idempotency import RedisGuard
@@ -62,5 +63,5 @@ def create_app(config: Config | Mapping | None = None) -> Flask:
     pool = create_pool(config)
     guard = RedisGuard(config)
     app.extensions["payflow"] = Services(config, pool, guard, Ledger(config, pool, guard),
-                                         RateLimiter(config, guard))
+                                         RateLimiter(config, guard), KeyCache(config.api_key_cache_seconds))
     return app

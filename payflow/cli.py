@@ -132,12 +132,27 @@ def keys_list() -> None:
 @click.argument("key_id")
 def keys_revoke(key_id: str) -> None:
     """Revoke a key; it stops working at once."""
-    from payflow import apikeys
+    import uuid
 
-    with runner.server_environment(need_redis=False) as environ, _database(environ) as conn:
-        revoked = apikeys.revoke(conn, key_id)
-    click.echo("revoked" if revoked else "no live key with this id")
-    sys.exit(0 if revoked else 1)
+    from payflow import apikeys
+    from payflow.config import Config
+    from payflow.idempotency import RedisGuard
+
+    with runner.server_environment(need_redis=False) as environ:
+        with _database(environ) as conn:
+            revoked = apikeys.revoke(conn, key_id)
+        if not revoked:
+            click.echo("no live key with this id")
+            sys.exit(1)
+        # API processes cache live keys; the mark in Redis reaches them at once.
+        config = Config.load(environ=environ)
+        guard = RedisGuard(config)
+        keep_ms = int(2000 * max(config.api_key_cache_seconds, 1))  # outlives every cached entry
+        told = guard.mark_revoked(str(uuid.UUID(key_id)), keep_ms=keep_ms)
+        guard.close()
+    click.echo("revoked" if told else
+               f"revoked (Redis not reachable: API processes stop accepting it within "
+               f"{config.api_key_cache_seconds:g} s)")
 
 
 @main.command()

@@ -49,6 +49,10 @@ class Config:
     redis_timeout_ms: int = 250
     redis_retry_after_failure_seconds: float = 1.0
 
+    # Live API keys are cached per process this long; a revocation through
+    # `payflow keys revoke` still takes effect at once (apikeys.KeyCache).
+    api_key_cache_seconds: float = 10.0
+
     # Requests.
     request_body_bytes_max: int = 1024 * 1024
     # Per API key (1,000 requests/s on average over a minute); 0 turns it off.

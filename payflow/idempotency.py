@@ -28,22 +28,24 @@ log = logging.getLogger(__name__)
 IDEMPOTENCY_HEADERS = ("X-Idempotency-Key", "Idempotency-Key")
 KEY_CHARS_MAX = 255
 
-# One round trip before a request runs: the caller's rate-limit counter and,
-# for a keyed write under the limit, the in-flight lock, or the completed
-# response cached in its place. Both names carry the caller's key id as a hash
-# tag, so Redis Cluster keeps them in one slot.
-# KEYS[1] counter, KEYS[2] lock (when ARGV[1] = 'lock')
+# One round trip before a request runs: the caller's rate-limit counter,
+# whether its API key was just revoked (see apikeys.KeyCache) and, for a keyed
+# write under the limit, the in-flight lock, or the completed response cached
+# in its place. Every name carries the caller's key id as a hash tag, so Redis
+# Cluster keeps them in one slot.
+# KEYS[1] counter, KEYS[2] revocation mark, KEYS[3] lock (when ARGV[1] = 'lock')
 # ARGV: mode ('count' | 'lock'), limit (0: none), window s, token, lock ms
 _ADMIT_SCRIPT = """
 local count = redis.call('incr', KEYS[1])
 if count == 1 then redis.call('expire', KEYS[1], ARGV[3]) end
-if ARGV[1] ~= 'lock' or (tonumber(ARGV[2]) > 0 and count > tonumber(ARGV[2])) then
-  return {count, false, false}
+local revoked = redis.call('exists', KEYS[2])
+if revoked == 1 or ARGV[1] ~= 'lock' or (tonumber(ARGV[2]) > 0 and count > tonumber(ARGV[2])) then
+  return {count, revoked, false, false}
 end
-if redis.call('set', KEYS[2], ARGV[4], 'NX', 'PX', ARGV[5]) then return {count, 'acquired', false} end
-local held = redis.call('get', KEYS[2])
-if held and string.sub(held, 1, 5) == 'done:' then return {count, 'done', held} end
-return {count, 'held', redis.call('pttl', KEYS[2])}
+if redis.call('set', KEYS[3], ARGV[4], 'NX', 'PX', ARGV[5]) then return {count, 0, 'acquired', false} end
+local held = redis.call('get', KEYS[3])
+if held and string.sub(held, 1, 5) == 'done:' then return {count, 0, 'done', held} end
+return {count, 0, 'held', redis.call('pttl', KEYS[3])}
 """
 
 # The lock becomes the completed response (a replay then needs no database),
@@ -112,7 +114,8 @@ class InFlightLock:
 @dataclass(frozen=True)
 class Admission:
     count: int | None  # requests in the caller's window; None: Redis unavailable
-    lock: InFlightLock | None  # None: no lock asked for (or over the limit)
+    lock: InFlightLock | None  # None: no lock asked for (or over the limit, or revoked)
+    revoked: bool = False  # the caller's key was revoked moments ago
 
 
 class RedisGuard:
@@ -160,9 +163,11 @@ class RedisGuard:
             return Admission(None, InFlightLock(acquired=True) if key else None)  # the database decides
         counter = self._name(scope, "rate", str(window))
         token = uuid.uuid4().hex
-        keys = [counter, self._name(scope, "idem", key)] if key else [counter]
+        keys = [counter, self._name(scope, "revoked", "")]
+        if key:
+            keys.append(self._name(scope, "idem", key))
         try:
-            count, state, value = self._admit(keys=keys, args=[
+            count, revoked, state, value = self._admit(keys=keys, args=[
                 "lock" if key else "count", limit, window_seconds, token,
                 self._config.idempotency_lock_ms])
         except redis.RedisError as error:
@@ -170,14 +175,33 @@ class RedisGuard:
             return Admission(None, InFlightLock(acquired=True) if key else None)
         match state:
             case b"acquired":
-                lock = InFlightLock(acquired=True, name=keys[1], token=token)
+                lock = InFlightLock(acquired=True, name=keys[2], token=token)
             case b"done":
                 lock = InFlightLock(acquired=False, completed=Completed.decode(value.decode()))
             case b"held":
                 lock = InFlightLock(acquired=False, retry_after_seconds=max(1, -(-int(value) // 1000)))
             case _:
                 lock = None
-        return Admission(count, lock)
+        return Admission(count, lock, revoked=bool(revoked))
+
+    @property
+    def available(self) -> bool:
+        """False while Redis is down or not configured: callers that cache
+        what Redis must be able to invalidate stop caching."""
+        return self._available()
+
+    def mark_revoked(self, scope: str, keep_ms: int) -> bool:
+        """Tells every API process at once that the key `scope` is revoked
+        (their key caches hold it at most `keep_ms`); False if Redis is not
+        reachable."""
+        if self._client is None:
+            return False
+        try:
+            self._client.set(self._name(scope, "revoked", ""), "1", px=keep_ms)
+        except redis.RedisError as error:
+            self._failed(error)
+            return False
+        return True
 
     def acquire(self, scope: str, key: str) -> InFlightLock:
         """The in-flight lock alone, for callers outside a request (no rate limit)."""

@@ -12,6 +12,7 @@ from payflow.api.services import services
 from payflow.db import wrap_errors
 
 PROTECTED_PREFIX = "/v1/"
+UNKNOWN_OR_REVOKED = "This API key is not valid (unknown or revoked)."
 
 
 def requires(scope: str):
@@ -32,22 +33,40 @@ def _authenticate() -> None:
     scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise errors.Unauthorized()
-    with wrap_errors(), services().pool.connection() as conn:
-        found = apikeys.authenticate(conn, secret.strip())
+    secret = secret.strip()
+    found = _lookup(secret)
     if found is None:
-        raise errors.Unauthorized("This API key is not valid (unknown or revoked).")
+        raise errors.Unauthorized(UNKNOWN_OR_REVOKED)
     g.caller = found
     view = current_app.view_functions.get(request.endpoint)
     needed = getattr(view, "required_scope", "admin")
     allowed = view is not None and found.may(needed)
-    # One Redis round trip: the rate counter and, for an allowed keyed write,
-    # the idempotency key's in-flight lock (or its cached answer).
+    # One Redis round trip: the rate counter, the key's revocation mark and,
+    # for an allowed keyed write, the idempotency key's in-flight lock (or
+    # its cached answer).
     admission = services().rate_limiter.admit(found.key_id, _idempotency_key(view) if allowed else None)
+    if admission.revoked:
+        services().key_cache.drop(found.key_id)
+        g.caller = None
+        raise errors.Unauthorized(UNKNOWN_OR_REVOKED)
     g.in_flight = admission.lock
     if view is None:
         return  # no such route (or method): 404 / 405 follow
     if not allowed:
         raise errors.Forbidden(details={"required_scope": needed})
+
+
+def _lookup(secret: str) -> apikeys.Caller | None:
+    """The live key with this secret: from this process's cache while Redis
+    (which carries revocations) answers, else from the database."""
+    cache, use_cache = services().key_cache, services().guard.available
+    found = cache.get(secret) if use_cache else None
+    if found is None and apikeys.well_formed(secret):
+        with wrap_errors(), services().pool.connection() as conn:
+            found = apikeys.authenticate(conn, secret)
+        if found is not None and use_cache:
+            cache.put(secret, found)
+    return found
 
 
 def _idempotency_key(view) -> str | None:

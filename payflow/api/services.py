@@ -8,6 +8,7 @@ import psycopg
 import psycopg_pool
 from flask import current_app
 
+from payflow.apikeys import KeyCache
 from payflow.config import Config
 from payflow.idempotency import RedisGuard
 from payflow.ledger import Ledger
@@ -21,6 +22,7 @@ class Services:
     guard: RedisGuard
     ledger: Ledger
     rate_limiter: RateLimiter
+    key_cache: KeyCache
 
     def ping_database(self) -> str:
         try:

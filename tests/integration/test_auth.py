@@ -3,6 +3,8 @@ limit, revocation at once, and the CLI that manages keys."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from click.testing import CliRunner
 
@@ -61,12 +63,50 @@ def test_openapi_lists_the_security_scheme(client):
     assert spec["paths"]["/health"]["get"]["security"] == []
 
 
-def test_a_revoked_key_stops_working_at_once(client, database_url):
+def test_a_revoked_key_stops_working_at_once(client, app, database_url):
+    """The API process has the key cached; the CLI, configured like the
+    service (same database, same Redis), reaches it through Redis."""
+    key_id, secret = new_api_key(database_url, ["read"])
+    for _ in range(2):  # the second is served from the key cache
+        assert client.get("/v1/accounts/x", headers=bearer(secret)).status_code == 404
+    config = app.extensions["payflow"].config
+    result = CliRunner().invoke(main, ["keys", "revoke", key_id], env={
+        "PAYFLOW_DATABASE_URL": database_url, "PAYFLOW_REDIS_URL": config.redis_url,
+        "PAYFLOW_REDIS_KEY_PREFIX": config.redis_key_prefix})
+    assert result.exit_code == 0 and result.output.strip() == "revoked"
+    assert_error(client.get("/v1/accounts/x", headers=bearer(secret)), 401, "unauthorized")
+    assert_error(client.get("/v1/accounts/x", headers=bearer(secret)), 401, "unauthorized")
+
+
+def test_a_revocation_redis_never_heard_of_takes_effect_within_the_key_cache_ttl(database_url, servers,
+                                                                              db):
+    app = make_app(make_config(database_url, servers["redis"], api_key_cache_seconds=2))
+    client = app.test_client()
+    key_id, secret = new_api_key(database_url, ["read"])
+    assert client.get("/v1/accounts/x", headers=bearer(secret)).status_code == 404
+    db.execute("UPDATE api_keys SET revoked_at = now() WHERE id = %s", (key_id,))  # behind our back
+    assert client.get("/v1/accounts/x", headers=bearer(secret)).status_code == 404  # cached
+    time.sleep(2.1)
+    assert_error(client.get("/v1/accounts/x", headers=bearer(secret)), 401, "unauthorized")
+    app.extensions["payflow"].close()
+
+
+def test_the_cli_says_when_it_cannot_tell_the_api_processes_at_once(database_url):
+    key_id, _ = new_api_key(database_url, ["read"])
+    result = CliRunner().invoke(main, ["keys", "revoke", key_id], env={
+        "PAYFLOW_DATABASE_URL": database_url, "PAYFLOW_API_KEY_CACHE_SECONDS": "0.5"})
+    assert result.exit_code == 0 and "within 0.5 s" in result.output
+
+
+def test_without_redis_every_request_checks_its_key_in_the_database(database_url):
+    app = make_app(make_config(database_url, ""))
+    client = app.test_client()
     key_id, secret = new_api_key(database_url, ["read"])
     assert client.get("/v1/accounts/x", headers=bearer(secret)).status_code == 404
     result = CliRunner().invoke(main, ["keys", "revoke", key_id], env={"PAYFLOW_DATABASE_URL": database_url})
-    assert result.exit_code == 0 and "revoked" in result.output
+    assert result.exit_code == 0
     assert_error(client.get("/v1/accounts/x", headers=bearer(secret)), 401, "unauthorized")
+    app.extensions["payflow"].close()
 
 
 def test_scopes(client, db, database_url):
