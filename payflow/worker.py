@@ -49,6 +49,7 @@ class Task:
 
 # Errors of one statement (a timeout, a lock wait, a deadlock): the connection
 # is fine, so the task failed and is retried with backoff like any other failure.
+AUDIT_INTERVAL_MIN_SECONDS = 0.1  # even when /health wants an audit per call (max age 0)
 STATEMENT_ERRORS = (pg_errors.QueryCanceled, pg_errors.LockNotAvailable, pg_errors.TransactionRollback)
 
 
@@ -73,6 +74,7 @@ class Worker:
         self.stopping = threading.Event()
         self._rng = random.Random()
         self._last_prune = 0.0
+        self._last_audit = 0.0
         # Claimed tasks not yet ended. If the database goes away mid-batch, they
         # are handed back once it returns rather than waiting out their lease.
         self._held: list[Task] = []
@@ -92,6 +94,7 @@ class Worker:
                 self._release_held()
                 claimed = self.run_once()
                 self._prune_when_due()
+                self._audit_when_due()
                 if not claimed:
                     self._wait(listener)
             except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
@@ -125,7 +128,7 @@ class Worker:
 
     def _wait(self, listener: psycopg.Connection | None) -> None:
         """Until a NOTIFY, the poll interval, or a stop request."""
-        timeout = self.config.worker_poll_interval_seconds
+        timeout = min(self.config.worker_poll_interval_seconds, self._audit_interval_seconds)
         if listener is None:
             self.stopping.wait(timeout)
             return
@@ -289,6 +292,25 @@ class Worker:
         self._finish(task, "done")
 
     # -- housekeeping -------------------------------------------------------------
+
+    @property
+    def _audit_interval_seconds(self) -> float:
+        return max(self.config.audit_max_age_ms / 2000, AUDIT_INTERVAL_MIN_SECONDS)
+
+    def _audit_when_due(self) -> None:
+        """Keeps the incremental audit behind /health fresh (at most half its
+        max age old), so that /health only reads it: advancing it costs tens
+        of milliseconds on a large ledger. Any number of workers may try; one
+        advances it at a time (an advisory lock), the rest find it fresh."""
+        now = time.monotonic()
+        if now - self._last_audit < self._audit_interval_seconds:
+            return
+        self._last_audit = now
+        with self.pool.connection() as conn:
+            conn.execute(queries["audit_status"], {
+                "batch_size": self.config.audit_batch_entries_max,
+                "accounts_per_step": self.config.audit_accounts_per_step,
+                "max_age_ms": self.config.audit_max_age_ms // 2})
 
     def _prune_when_due(self) -> None:
         now = time.monotonic()

@@ -17,6 +17,7 @@ from payflow.db import create_pool
 from payflow.providers import HttpProvider, PayoutRequest
 from payflow.worker import Worker, backoff_seconds
 from tests.conftest import make_config
+from tests.helpers import Api, create_system_account
 
 REQUEST = PayoutRequest("payflow-task-7", "p-1", 500, "USD", {"iban": "x"})
 
@@ -108,6 +109,26 @@ def test_worker_prunes_expired_keys_and_old_finished_tasks(db, database_url, ser
     assert [r["key"] for r in db.execute("SELECT key FROM idempotency_keys").fetchall()] == ["fresh"]
     left = db.execute("SELECT status FROM outbox ORDER BY id").fetchall()
     assert [r["status"] for r in left] == ["done", "dead"]  # dead tasks wait for an operator
+
+
+def test_workers_keep_the_health_audit_fresh(db, database_url, client):
+    """/health then only reads the audit: a worker advances it in the background."""
+    world = create_system_account(db)
+    api = Api(client)
+    api.ok_transfer(world, api.create_account(), 10)
+    assert db.execute("SELECT checkpoint_entry_id FROM audit_state").fetchone()["checkpoint_entry_id"] == 0
+    config = make_config(database_url, "", audit_max_age_ms=0)
+    pool = create_pool(config.replace(pool_size_min=1, pool_size_max=1))
+    try:
+        worker = Worker(config, pool)
+        for _ in range(3):  # the first step records the horizon, a later one passes it
+            worker._last_audit = 0.0
+            worker._audit_when_due()
+    finally:
+        pool.close()
+    state = db.execute("SELECT checkpoint_entry_id, audited_at FROM audit_state").fetchone()
+    assert state["checkpoint_entry_id"] >= 2 and state["audited_at"] is not None
+    assert client.get("/health").get_json()["unaudited_entries"] == 0
 
 
 def test_outbox_cli_stats_list_and_retry_dead(db, database_url):
