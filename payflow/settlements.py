@@ -82,7 +82,8 @@ def parse_json(text: str) -> dict:
     try:
         parsed = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as error:
-        raise errors.InvalidJson(details={"reason": str(error)[:200]}) from None
+        raise errors.InvalidJson("The file is not valid JSON.",
+                                 details={"reason": str(error)[:200]}) from None
     if isinstance(parsed, list):
         return {"records": parsed}
     if not isinstance(parsed, dict):
