@@ -393,10 +393,14 @@ class ReconciliationQuerySchema(Schema):
     cursor = Text(load_default=None, validate=validate.Length(min=1, max=400))
 
 
+def _not_blank(text: str) -> None:
+    if not text.strip():
+        raise ValidationError("Must not be blank.")
+
+
 class ExceptionResolveSchema(Schema):
-    note = Text(required=True, validate=[
-        validate.Length(min=1, max=RESOLUTION_NOTE_CHARS_MAX),
-        validate.Regexp(r"(?s).*\S", error="Must not be blank.")])
+    note = Text(required=True, validate=[validate.Length(min=1, max=RESOLUTION_NOTE_CHARS_MAX), _not_blank],
+                metadata={"description": "Why the exception is settled (audited with who and when)"})
 
 
 class ReconciliationExceptionSchema(Schema):

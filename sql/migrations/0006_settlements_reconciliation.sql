@@ -67,6 +67,9 @@ BEGIN
       FROM jsonb_to_recordset(p_records)
            AS r(reference text, payout_reference text, amount bigint, currency text,
                 settled_at timestamptz)
+     -- In reference order, so two imports of overlapping files wait on each
+     -- other's lines in one order and cannot deadlock.
+     ORDER BY r.reference
     ON CONFLICT (source, reference) DO NOTHING;
     GET DIAGNOSTICS inserted = ROW_COUNT;
 
