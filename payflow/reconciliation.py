@@ -26,8 +26,8 @@ FIRST_ID = uuid.UUID(int=0)
 
 def run(conn: psycopg.Connection, config: Config, as_of: datetime | None, window_days: int | None,
         created_by: str | None) -> uuid.UUID:
-    """Classifies every payout succeeded and every settlement reported by
-    as_of (default: now); returns the new run's id."""
+    """Classifies every payout succeeded and every settlement line imported
+    by as_of (default: now); returns the new run's id."""
     now = datetime.now(UTC)
     if as_of is not None and as_of > now:
         # Payouts would be called missing before their window has passed.

@@ -94,9 +94,11 @@ BEGIN
       FROM compared;
 END $$;
 
--- A reconciliation run: every settlement reported and every payout succeeded
--- by as_of, classified at once. Runs are evidence too: never edited or
--- deleted; running again makes a new run.
+-- A reconciliation run: what payflow knew at as_of (the payouts that had
+-- succeeded and the settlement lines that had been imported by then),
+-- classified at once. A run as of a past moment finds what a run then would
+-- have found. Runs are evidence too: never edited or deleted; running again
+-- makes a new run.
 CREATE TABLE reconciliation_runs (
     id          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     as_of       timestamptz NOT NULL,
@@ -177,7 +179,7 @@ BEGIN
         SELECT id, amount, currency, succeeded_at FROM payouts
          WHERE status = 'succeeded' AND succeeded_at <= p_as_of
     ), reported AS (
-        SELECT * FROM settlements WHERE settled_at <= p_as_of
+        SELECT * FROM settlements WHERE imported_at <= p_as_of
     ), named AS (
         SELECT DISTINCT ON (settlement_id) settlement_id, payout_id, payout_status
           FROM (SELECT r.id AS settlement_id, p.id AS payout_id, p.status AS payout_status,

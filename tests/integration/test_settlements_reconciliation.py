@@ -347,8 +347,6 @@ def test_every_class_and_the_window(client, db, database_url):
         record("exact-later", fee_and_exact, fee_and_exact["succeeded_at"] + day),
         record("edge", at_the_edge, at_the_edge["succeeded_at"] + window),  # the window includes its end
         record("stranger", ok, ok["succeeded_at"], payout_reference="sim_nobody"),
-        # Reported after as_of: not part of this run.
-        record("future", missing, datetime.now(UTC) + timedelta(days=30)),
     ]
     assert import_via_api(client, records).status_code == 201
     run = reconcile(client)
@@ -400,6 +398,18 @@ def test_every_class_and_the_window(client, db, database_url):
     past = reconcile(client, as_of=(datetime.now(UTC) - timedelta(days=20)).isoformat())
     assert past["counts"]["matched"] == 0 and past["totals"] == []
     assert_ledger_consistent(database_url)
+
+
+def test_a_run_as_of_a_past_moment_sees_the_lines_imported_by_then(client, db):
+    payouts = create_succeeded_payouts(db, 2)
+    backdate(db, payouts, [timedelta(days=10)] * 2)
+    import_via_api(client, [record("first-file", payouts[0], payouts[0]["succeeded_at"])])
+    between = db.execute("SELECT clock_timestamp() AS at").fetchone()["at"]
+    import_via_api(client, [record("second-file", payouts[1], payouts[1]["succeeded_at"])])
+    then = reconcile(client, as_of=between.isoformat())
+    assert (then["counts"]["matched"], then["counts"]["missing_settlement"]) == (1, 1)
+    assert [e["payout_id"] for e in then["exceptions"]["data"]] == [str(payouts[1]["id"])]
+    assert reconcile(client)["counts"]["matched"] == 2
 
 
 def test_a_settlement_for_a_payout_that_has_not_succeeded_is_unexpected(client, db, database_url):
