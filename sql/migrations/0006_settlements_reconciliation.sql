@@ -1,23 +1,23 @@
 -- 0006: settlements (what the bank or provider says it paid, imported from its
 -- files) and reconciliation runs that match them to our succeeded payouts.
 
--- When a payout succeeded: the moment a settlement is compared with. Kept by a
--- trigger, so the worker's path (payflow_payout_succeed_v1) is unchanged and a
--- later update of the row cannot move it.
+-- When a payout succeeded: the moment a settlement is compared with. Set by a
+-- trigger when the status becomes succeeded, so the worker's path
+-- (payflow_payout_succeed_v1) is unchanged and a later update of the row (its
+-- updated_at) cannot move it. The WHEN clause keeps other updates free of it.
 ALTER TABLE payouts ADD COLUMN succeeded_at timestamptz;
 UPDATE payouts SET succeeded_at = updated_at WHERE status = 'succeeded';
 ALTER TABLE payouts ADD CONSTRAINT payouts_succeeded_at
     CHECK ((status = 'succeeded') = (succeeded_at IS NOT NULL));
 
-CREATE FUNCTION payflow_payout_succeeded_at() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION payflow_payout_set_succeeded_at() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF NEW.status = 'succeeded' THEN
-        NEW.succeeded_at := coalesce(NEW.succeeded_at, now());
-    END IF;
+    NEW.succeeded_at := now();
     RETURN NEW;
 END $$;
-CREATE TRIGGER payouts_succeeded_at BEFORE INSERT OR UPDATE ON payouts
-    FOR EACH ROW EXECUTE FUNCTION payflow_payout_succeeded_at();
+CREATE TRIGGER payouts_set_succeeded_at BEFORE INSERT OR UPDATE OF status ON payouts
+    FOR EACH ROW WHEN (NEW.status = 'succeeded' AND NEW.succeeded_at IS NULL)
+    EXECUTE FUNCTION payflow_payout_set_succeeded_at();
 
 -- One line of a settlement file. (source, reference) is the file's own
 -- reference for the line: importing the same file again inserts nothing.

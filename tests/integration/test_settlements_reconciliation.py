@@ -131,6 +131,18 @@ def reconcile(client, **body) -> dict:
     return response.get_json()
 
 
+def test_a_payout_records_when_it_succeeded(db):
+    """Set by the database as the worker's function marks it succeeded; a
+    later touch of the row does not move it."""
+    payout = create_succeeded_payouts(db, 1)[0]
+    row = db.execute("SELECT succeeded_at, updated_at FROM payouts WHERE id = %s", (payout["id"],)).fetchone()
+    assert row["succeeded_at"] == row["updated_at"]
+    db.execute("UPDATE payouts SET updated_at = now() + interval '1 day', status = 'succeeded'")
+    assert db.execute("SELECT succeeded_at FROM payouts").fetchone()["succeeded_at"] == row["succeeded_at"]
+    with pytest.raises(psycopg.errors.CheckViolation):
+        db.execute("UPDATE payouts SET succeeded_at = NULL")
+
+
 # -- imports --------------------------------------------------------------------
 
 
