@@ -17,6 +17,8 @@ from payflow.api import (
     observability,
     outbox,
     payouts,
+    reconciliations,
+    settlements,
     transfers,
     webhooks,
 )
@@ -52,7 +54,8 @@ def create_app(config: Config | Mapping | None = None) -> Flask:
     )
     api = PayflowApi(app, spec_kwargs={"info": {"description": "A double-entry payment ledger. "
                                          "Money is an integer count of minor units."}})
-    for module in (accounts, transfers, payouts, webhooks, outbox, health, metrics):
+    for module in (accounts, transfers, payouts, settlements, reconciliations, webhooks, outbox,
+                   health, metrics):
         api.register_blueprint(module.blueprint)
     errors.register(app)  # after Api(), which registers a handler of its own
     auth.register(app)

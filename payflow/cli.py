@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 
@@ -230,3 +231,73 @@ def audit(as_json: bool, rebuild: bool) -> None:
                        f"version {row['account_version']}, expected {row['expected_version']}")
         click.echo("ledger OK" if report.ok else "ledger has problems")
     sys.exit(0 if report.ok else 1)
+
+
+def _fail(error) -> None:
+    """A refused command: its message and details on stderr, exit 1."""
+    click.echo(f"error: {error.message}", err=True)
+    if error.details:
+        click.echo(json.dumps(error.details, indent=2, default=str), err=True)
+    sys.exit(1)
+
+
+@main.group()
+def settlements() -> None:
+    """Settlement files from the bank or payout provider."""
+
+
+@settlements.command("import")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--format", "file_format", type=click.Choice(["csv", "json"]), default=None,
+              help="Default: the file's extension.")
+@click.option("--source", default=None,
+              help="Who sent the file (references are unique per source); default: a JSON "
+                   "file's own, else 'bank'.")
+def settlements_import(path: Path, file_format: str | None, source: str | None) -> None:
+    """Import a CSV or JSON settlement file; importing it again changes nothing."""
+    from payflow import errors
+    from payflow import settlements as settling
+
+    try:
+        batch = settling.load_batch(settling.read_file(path, file_format, source))
+        with runner.server_environment(need_redis=False) as environ, _database(environ) as conn:
+            result = settling.import_batch(conn, batch, imported_by=None)
+    except errors.ApiError as error:
+        _fail(error)
+    click.echo(f"{result['records']} records from {result['source']}: {result['inserted']} inserted, "
+               f"{result['already_present']} already present")
+
+
+@main.command()
+@click.option("--window-days", type=click.IntRange(1, None), default=None,
+              help="Days a settlement may be from its payout's success "
+                   "(default: PAYFLOW_RECONCILIATION_WINDOW_DAYS).")
+@click.option("--as-of", default=None, help="An RFC 3339 moment, not in the future (default: now).")
+@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
+def reconcile(window_days: int | None, as_of: str | None, as_json: bool) -> None:
+    """Match settlements to succeeded payouts; print the counts per class and
+    the totals. GET /v1/reconciliations/<id> lists the exceptions."""
+    from payflow import errors, reconciliation, schemas
+    from payflow.config import Config
+
+    given = {name: value for name, value in (("window_days", window_days), ("as_of", as_of))
+             if value is not None}
+    try:
+        parameters = schemas.load(schemas.ReconciliationCreateSchema(), given)
+        with runner.server_environment(need_redis=False) as environ, _database(environ) as conn:
+            run_id = reconciliation.run(conn, Config.load(environ=environ), parameters["as_of"],
+                                        parameters["window_days"], created_by=None)
+            run = reconciliation.summary(conn, run_id)
+    except errors.ApiError as error:
+        _fail(error)
+    if as_json:
+        click.echo(json.dumps(run, indent=2))
+        return
+    click.echo(f"reconciliation {run['id']} as of {run['as_of']}, window {run['window_days']} days: "
+               f"{run['status']}")
+    for code in ("matched", "pending", *schemas.EXCEPTION_CODES):
+        click.echo(f"  {code:<22} {run['counts'][code]:>9}")
+    for total in run["totals"]:
+        click.echo(f"  {total['currency']}: expected {total['expected_amount']}, settled "
+                   f"{total['settled_amount']}, difference {total['difference']}")
+    click.echo(f"{run['exceptions_open']} open exceptions: GET /v1/reconciliations/{run['id']}")

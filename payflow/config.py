@@ -93,6 +93,13 @@ class Config:
     payout_http_timeout_seconds: float = 10.0
     webhook_timeout_seconds: float = 10.0
 
+    # Reconciliation: a settlement dated within this many days of its payout's
+    # success matches; a payout with none is missing once this has passed.
+    reconciliation_window_days: int = 3
+    # A run classifies every payout and settlement in one statement: more
+    # than a request's statement timeout, still bounded.
+    reconciliation_statement_timeout_ms: int = 60_000
+
     @classmethod
     def load(cls, overrides: Mapping | None = None, environ: Mapping | None = None) -> Config:
         environ = os.environ if environ is None else environ

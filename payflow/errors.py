@@ -103,6 +103,30 @@ class PayoutNotFound(ApiError):
     status, code = 404, "payout_not_found"
 
 
+class SettlementConflict(ApiError):
+    """Settlement records reuse references already imported with other content; nothing was imported."""
+
+    status, code = 409, "settlement_conflict"
+
+
+class ReconciliationNotFound(ApiError):
+    """No reconciliation run with this id."""
+
+    status, code = 404, "reconciliation_not_found"
+
+
+class ReconciliationExceptionNotFound(ApiError):
+    """No exception with this id in this reconciliation run."""
+
+    status, code = 404, "reconciliation_exception_not_found"
+
+
+class ExceptionAlreadyResolved(ApiError):
+    """This exception is already resolved; see details for who resolved it and when."""
+
+    status, code = 409, "exception_already_resolved"
+
+
 class UnsupportedMediaType(ApiError):
     """Send the body as JSON, with Content-Type: application/json."""
 

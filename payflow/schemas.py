@@ -5,10 +5,14 @@ that every body matches its schema."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
+from datetime import UTC, date, datetime, time
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
+from payflow import errors
 from payflow.currencies import ISO_4217_CODES
 
 BIGINT_MAX = 2**63 - 1
@@ -20,6 +24,15 @@ METADATA_VALUE_CHARS_MAX = 500
 METADATA_BYTES_MAX = 8192
 PAGE_SIZE_DEFAULT = 25
 PAGE_SIZE_MAX = 100
+
+
+def load(schema: Schema, data: object) -> dict:
+    """Validates data against a schema; a violation is a 422 validation_error."""
+    try:
+        return schema.load(data)
+    except ValidationError as error:
+        messages = error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
+        raise errors.ValidationFailed(details=messages) from None
 
 
 class StrictInteger(fields.Integer):
@@ -286,6 +299,158 @@ class TransferSearchSchema(Schema):
 class TransfersPageSchema(Schema):
     data = fields.List(fields.Nested(TransferSchema), required=True)
     next_cursor = fields.String(required=True, allow_none=True)
+
+
+SETTLEMENT_RECORDS_PER_BATCH_MAX = 20_000
+SETTLEMENT_SOURCE_CHARS_MAX = 100
+SETTLEMENT_REFERENCE_CHARS_MAX = 200
+# A file with thousands of bad lines names the first few: enough to fix it.
+SETTLEMENT_RECORD_ERRORS_SHOWN_MAX = 20
+RECONCILIATION_WINDOW_DAYS_MAX = 90
+RESOLUTION_NOTE_CHARS_MAX = 1000
+EXCEPTIONS_PAGE_SIZE_DEFAULT = 100
+EXCEPTIONS_PAGE_SIZE_MAX = 1000
+EXCEPTION_CODES = ("amount_mismatch", "currency_mismatch", "late_settlement", "early_settlement",
+                   "missing_settlement", "unexpected_settlement", "duplicate_settlement")
+_VALUE_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+class SettledAt(fields.AwareDateTime):
+    """An RFC 3339 moment with its offset, or a bank's value date (YYYY-MM-DD,
+    taken as 00:00 UTC that day)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(format="iso", metadata={
+            "description": "RFC 3339 with an offset, or a value date YYYY-MM-DD (00:00 UTC)"}, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str) and _VALUE_DATE.fullmatch(value):
+            try:
+                return datetime.combine(date.fromisoformat(value), time(), UTC)
+            except ValueError:
+                raise self.make_error("invalid", input=value, obj_type=self.OBJ_TYPE) from None
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class SettlementRecordSchema(Schema):
+    reference = Text(required=True, validate=validate.Length(min=1, max=SETTLEMENT_REFERENCE_CHARS_MAX),
+                     metadata={"description": "The file's own reference for this line, unique per source"})
+    payout_reference = Text(required=True,
+                            validate=validate.Length(min=1, max=SETTLEMENT_REFERENCE_CHARS_MAX),
+                            metadata={"description": "The payout's provider_reference, or its id"})
+    amount = amount_field(required=True)
+    currency = currency_field(required=True)
+    settled_at = SettledAt(required=True)
+
+
+class SettlementBatchSchema(Schema):
+    source = Text(load_default="bank", validate=validate.Length(min=1, max=SETTLEMENT_SOURCE_CHARS_MAX),
+                  metadata={"description": "Who sent the file; references are unique per source"})
+    records = fields.List(fields.Nested(SettlementRecordSchema), required=True,
+                          validate=validate.Length(min=1, max=SETTLEMENT_RECORDS_PER_BATCH_MAX))
+
+    @validates_schema
+    def _unique_references(self, data, **kwargs) -> None:
+        first_seen: dict[str, int] = {}
+        repeated = {}
+        for index, record in enumerate(data["records"]):
+            earlier = first_seen.setdefault(record["reference"], index)
+            if earlier != index:
+                repeated[index] = {"reference": [f"Repeats the reference of record {earlier}."]}
+        if repeated:
+            raise ValidationError({"records": repeated})
+
+    def handle_error(self, error: ValidationError, data, *, many: bool, **kwargs) -> None:
+        records = error.messages.get("records") if isinstance(error.messages, dict) else None
+        if isinstance(records, dict) and len(records) > SETTLEMENT_RECORD_ERRORS_SHOWN_MAX:
+            shown = dict(itertools.islice(records.items(), SETTLEMENT_RECORD_ERRORS_SHOWN_MAX))
+            raise ValidationError({**error.messages, "records": shown,
+                                   "records_with_errors": len(records)})
+
+
+class SettlementImportSchema(Schema):
+    object = fields.String(required=True, validate=validate.Equal("settlement_import"))
+    source = fields.String(required=True)
+    records = fields.Integer(required=True, metadata={"description": "Records in the batch"})
+    inserted = fields.Integer(required=True)
+    already_present = fields.Integer(required=True,
+                                     metadata={"description": "Imported before, with the same content"})
+
+
+class ReconciliationCreateSchema(Schema):
+    window_days = StrictInteger(load_default=None, validate=validate.Range(
+        min=1, max=RECONCILIATION_WINDOW_DAYS_MAX), metadata={
+        "description": "Default: PAYFLOW_RECONCILIATION_WINDOW_DAYS (3)"})
+    as_of = fields.AwareDateTime(load_default=None, format="iso", metadata={
+        "description": "RFC 3339, not in the future; default: now"})
+
+
+class ReconciliationQuerySchema(Schema):
+    code = fields.String(load_default=None, validate=validate.OneOf(EXCEPTION_CODES))
+    status = fields.String(load_default=None, validate=validate.OneOf(["open", "resolved"]))
+    limit = fields.Integer(load_default=EXCEPTIONS_PAGE_SIZE_DEFAULT,
+                           validate=validate.Range(min=1, max=EXCEPTIONS_PAGE_SIZE_MAX))
+    cursor = Text(load_default=None, validate=validate.Length(min=1, max=400))
+
+
+def _not_blank(text: str) -> None:
+    if not text.strip():
+        raise ValidationError("Must not be blank.")
+
+
+class ExceptionResolveSchema(Schema):
+    note = Text(required=True, validate=[validate.Length(min=1, max=RESOLUTION_NOTE_CHARS_MAX), _not_blank],
+                metadata={"description": "Why the exception is settled (audited with who and when)"})
+
+
+class ReconciliationExceptionSchema(Schema):
+    id = fields.UUID(required=True)
+    object = fields.String(required=True, validate=validate.Equal("reconciliation_exception"))
+    run_id = fields.UUID(required=True)
+    code = fields.String(required=True, validate=validate.OneOf(EXCEPTION_CODES))
+    payout_id = fields.UUID(required=True, allow_none=True)
+    settlement_id = fields.UUID(required=True, allow_none=True)
+    source = fields.String(required=True, allow_none=True)
+    settlement_reference = fields.String(required=True, allow_none=True)
+    payout_reference = fields.String(required=True, allow_none=True)
+    currency = fields.String(required=True)
+    expected_amount = fields.Integer(required=True, allow_none=True)
+    settled_amount = fields.Integer(required=True, allow_none=True)
+    difference = fields.Integer(required=True, allow_none=True,
+                                metadata={"description": "settled_amount - expected_amount (a fee < 0)"})
+    succeeded_at = fields.DateTime(required=True, allow_none=True)
+    settled_at = fields.DateTime(required=True, allow_none=True)
+    details = fields.Dict(required=True)
+    resolved_at = fields.DateTime(required=True, allow_none=True)
+    resolved_by = fields.UUID(required=True, allow_none=True, metadata={"description": "API key id"})
+    resolution_note = fields.String(required=True, allow_none=True)
+
+
+class ReconciliationExceptionsPageSchema(Schema):
+    data = fields.List(fields.Nested(ReconciliationExceptionSchema), required=True)
+    next_cursor = fields.String(required=True, allow_none=True)
+
+
+class ReconciliationTotalSchema(Schema):
+    currency = fields.String(required=True)
+    expected_amount = fields.Integer(required=True, metadata={"description": "Succeeded payouts"})
+    settled_amount = fields.Integer(required=True, metadata={"description": "Settlement records"})
+    difference = fields.Integer(required=True)
+
+
+class ReconciliationSchema(Schema):
+    id = fields.UUID(required=True)
+    object = fields.String(required=True, validate=validate.Equal("reconciliation"))
+    as_of = fields.DateTime(required=True)
+    window_days = fields.Integer(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(["reconciled", "exceptions_open"]))
+    counts = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
+    totals = fields.List(fields.Nested(ReconciliationTotalSchema), required=True)
+    exceptions_total = fields.Integer(required=True)
+    exceptions_open = fields.Integer(required=True)
+    created_by = fields.UUID(required=True, allow_none=True)
+    created_at = fields.DateTime(required=True)
+    exceptions = fields.Nested(ReconciliationExceptionsPageSchema, required=True)
 
 
 class ApiErrorBodySchema(Schema):

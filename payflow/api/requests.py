@@ -8,11 +8,12 @@ import functools
 import json
 
 from flask import Response, request
-from marshmallow import Schema, ValidationError
+from marshmallow import Schema
 
 from payflow import errors, idempotency
 from payflow.api.auth import caller, in_flight
 from payflow.ledger import IdempotentRequest, Outcome
+from payflow.schemas import load
 
 # An integer literal this long is far past any bigint; parsing it exactly
 # would cost quadratic time (Python caps int parsing at 4300 digits).
@@ -38,14 +39,6 @@ def parse_json_body() -> object:
         return json.loads(raw, parse_int=_parse_int, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as error:
         raise errors.InvalidJson(details={"reason": str(error)[:200]}) from None
-
-
-def load(schema: Schema, data: object) -> dict:
-    try:
-        return schema.load(data)
-    except ValidationError as error:
-        messages = error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
-        raise errors.ValidationFailed(details=messages) from None
 
 
 def json_body(blueprint, schema_class: type[Schema], idempotency_key: str):

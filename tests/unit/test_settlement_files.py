@@ -1,0 +1,84 @@
+"""Settlement files, without a database: CSV and JSON parsing, the batch
+schema's limits, value dates, and the exceptions cursor."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from payflow import errors, reconciliation, schemas, settlements
+
+HEADER = "reference,payout_reference,amount,currency,settled_at\n"
+
+
+def test_csv_columns_in_any_order_quoted_cells_and_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bank.csv"
+    path.write_text("\ufeffcurrency,amount,settled_at,payout_reference,reference\n"
+                    'USD,1250,2026-01-02,"sim_a,b",L1\n', encoding="utf-8")
+    batch = settlements.load_batch(settlements.read_file(path, None, "bank-x"))
+    assert batch == {"source": "bank-x", "records": [{
+        "reference": "L1", "payout_reference": "sim_a,b", "amount": 1250, "currency": "USD",
+        "settled_at": datetime(2026, 1, 2, tzinfo=UTC)}]}
+
+
+@pytest.mark.parametrize("cell", ["12.50", "1e3", " 5", "5 ", "0x10", "", "１２"])
+def test_a_csv_amount_is_an_integer_only_when_written_as_one(cell):
+    batch = settlements.parse_csv(f"{HEADER}L1,r,{cell},USD,2026-01-02\n")
+    assert batch["records"][0]["amount"] == cell
+    with pytest.raises(errors.ValidationFailed) as refused:
+        settlements.load_batch(batch)
+    assert "amount" in refused.value.details["records"][0]
+
+
+def test_csv_record_limit():
+    line = "L{},r,100,USD,2026-01-02\n"
+    at_limit = HEADER + "".join(line.format(n) for n in range(schemas.SETTLEMENT_RECORDS_PER_BATCH_MAX))
+    assert len(settlements.parse_csv(at_limit)["records"]) == schemas.SETTLEMENT_RECORDS_PER_BATCH_MAX
+    with pytest.raises(errors.ValidationFailed, match="split the file"):
+        settlements.parse_csv(at_limit + line.format("last"))
+
+
+def test_the_schema_caps_a_batch_too():
+    record = {"payout_reference": "r", "amount": 1, "currency": "USD", "settled_at": "2026-01-02"}
+    records = [{**record, "reference": f"L{n}"} for n in range(schemas.SETTLEMENT_RECORDS_PER_BATCH_MAX + 1)]
+    with pytest.raises(errors.ValidationFailed) as refused:
+        settlements.load_batch({"records": records})
+    assert "records" in refused.value.details
+
+
+def test_json_files_hold_the_api_body_or_a_list():
+    record = '{"reference": "L1", "payout_reference": "r", "amount": 7, "currency": "EUR", ' \
+             '"settled_at": "2026-01-02T10:00:00+01:00"}'
+    as_list = settlements.load_batch(settlements.parse_json(f"[{record}]"))
+    as_body = settlements.load_batch(settlements.parse_json(f'{{"source": "psp", "records": [{record}]}}'))
+    assert as_list["source"] == "bank" and as_body["source"] == "psp"
+    assert as_list["records"] == as_body["records"]
+    assert as_body["records"][0]["settled_at"] == datetime(2026, 1, 2, 9, tzinfo=UTC)
+    for text in ("[1, 2", "Infinity", '{"a": NaN}'):
+        with pytest.raises(errors.InvalidJson):
+            settlements.parse_json(text)
+    with pytest.raises(errors.ValidationFailed):
+        settlements.parse_json('"records"')
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("2026-03-04", datetime(2026, 3, 4, tzinfo=UTC)),
+    ("2026-03-04T05:06:07Z", datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)),
+    ("2026-03-04T05:06:07-02:00", datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone(timedelta(hours=-2)))),
+])
+def test_settled_at_is_a_moment_with_its_offset_or_a_value_date(value, expected):
+    loaded = schemas.load(schemas.SettlementRecordSchema(), {
+        "reference": "L1", "payout_reference": "r", "amount": 1, "currency": "USD", "settled_at": value})
+    assert loaded["settled_at"] == expected
+
+
+def test_exception_cursors_round_trip_and_refuse_forgeries():
+    exception_id = uuid.uuid4()
+    cursor = reconciliation.encode_cursor("late_settlement", exception_id)
+    assert reconciliation.decode_cursor(cursor) == ("late_settlement", exception_id)
+    forged = reconciliation.encode_cursor("matched", exception_id)
+    for bad in (forged, "x", "ZXhjZXB0aW9uczo"):
+        with pytest.raises(errors.ValidationFailed):
+            reconciliation.decode_cursor(bad)
