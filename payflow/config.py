@@ -32,8 +32,10 @@ class Config:
     prepare_threshold: int = 0  # 0: prepare every statement at first use
 
     # Group commit: concurrent transfers in one process share a transaction
-    # (payflow/batching.py); 1 turns it off.
+    # (payflow/batching.py); 1 turns it off. A few batches run at once, so one
+    # waiting on a lock does not hold up the process's other transfers.
     transfer_batch_size_max: int = 32
+    transfer_batches_in_flight_max: int = 2
 
     # Transactions that hit a deadlock or serialization failure are retried.
     transaction_retries_max: int = 3

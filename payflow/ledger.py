@@ -51,8 +51,10 @@ class Ledger:
         self._config = config
         self._pool = pool
         self._guard = guard
-        self._batcher = TransferBatcher(lambda params: self._call_alone("post_transfer", params),
-                                        self._post_many, config.transfer_batch_size_max)
+        self._batcher = TransferBatcher(
+            lambda params: self._call_alone("post_transfer", params), self._post_many,
+            config.transfer_batch_size_max, config.transfer_batches_in_flight_max,
+        ) if config.transfer_batch_size_max > 1 else None
 
     # -- writes ---------------------------------------------------------------
 
@@ -123,7 +125,9 @@ class Ledger:
         return run_with_retries(self._config, transaction)
 
     def _call(self, query_name: str, params: dict) -> dict:
-        if query_name == "post_transfer":
+        # Only keyed transfers share a transaction: a batch whose commit's fate
+        # is unknown answers 503, and only a key makes the client's retry safe.
+        if query_name == "post_transfer" and self._batcher and params["key"] is not None:
             return self._batcher.post(params)
         return self._call_alone(query_name, params)
 

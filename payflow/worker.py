@@ -106,10 +106,9 @@ class Worker:
 
     def run_once(self) -> int:
         """Claims one batch and runs it; returns how many tasks it claimed."""
-        tasks = self._claim()
-        self._held = list(tasks)
-        tasks = self._fan_out_events(tasks)
-        for task in tasks:
+        claimed = self._claim()
+        self._held = list(claimed)
+        for task in self._fan_out_events(claimed):
             if self.stopping.is_set():
                 break
             self._current = task
@@ -118,7 +117,7 @@ class Worker:
                 self._run(task)
             self._current = None
         self._release_held()
-        return len(tasks)
+        return len(claimed)
 
     def _listen(self) -> psycopg.Connection:
         connection = psycopg.connect(self.config.database_url, autocommit=True, connect_timeout=5,

@@ -9,11 +9,13 @@ import time
 from collections import Counter
 
 import psycopg
+import pytest
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from payflow import errors
 from payflow.batching import TransferBatcher
+from tests.conftest import make_app, make_config
 from tests.helpers import Api, assert_ledger_consistent, create_system_account, new_key
 
 THREADS = 40
@@ -79,7 +81,8 @@ def test_a_hot_account_posts_in_batches_and_each_transfer_keeps_its_outcome(app,
     assert_ledger_consistent(database_url)
 
 
-def test_a_batch_that_fails_as_a_whole_posts_each_transfer_on_its_own(app, db, database_url):
+def test_a_batch_refused_by_a_constraint_posts_each_transfer_on_its_own(app, db, database_url):
+    """An error one transfer may cause: each gets its own attempt and outcome."""
     api, source, destinations = _hot_ledger(app, db)
     batcher = app.extensions["payflow"].ledger._batcher
     failures = []
@@ -87,14 +90,84 @@ def test_a_batch_that_fails_as_a_whole_posts_each_transfer_on_its_own(app, db, d
     def failing(params_list):
         failures.append(len(params_list))
         time.sleep(0.05)  # let the others queue behind this batch
-        raise errors.Unavailable("the batch's transaction failed")
+        raise errors.ConstraintViolated(details={"constraint": "some_check"})
 
     batcher._post_many = failing
     results = _race(api, source, destinations[:10])
-    assert failures  # the batch path ran and failed...
+    assert failures and max(failures) > 1  # the batch path ran and failed...
     assert [response.status_code for _, response in results] == [201] * 10  # ...nobody noticed
     assert api.balance(source) == FUNDS - 10 * AMOUNT
     assert_ledger_consistent(database_url)
+
+
+def test_a_batch_that_fails_for_all_answers_503_to_all_and_changes_nothing(app, db, database_url):
+    """No connection, a timeout, a commit whose fate is unknown: reposting would
+    only wait again; each client retries with its key instead."""
+    api, source, destinations = _hot_ledger(app, db)
+    batcher = app.extensions["payflow"].ledger._batcher
+    sizes = []
+
+    def unavailable(params_list):
+        sizes.append(len(params_list))
+        time.sleep(0.05)
+        raise errors.Unavailable()
+
+    batcher._post_many = unavailable
+    batcher._post_one = lambda params: unavailable([params])
+    results = _race(api, source, destinations[:10])
+    assert [response.status_code for _, response in results] == [503] * 10
+    assert max(sizes) > 1 and len(sizes) < 10  # not reposted one by one
+    assert api.balance(source) == FUNDS
+    assert_ledger_consistent(database_url)
+
+
+def test_a_transfer_waiting_on_a_lock_does_not_hold_up_the_others(database_url, servers, db):
+    """One batch waits on a row lock held elsewhere; the next batch slot
+    serves the process's other transfers meanwhile."""
+    app = make_app(make_config(database_url, servers["redis"], lock_timeout_ms=30_000,
+                               statement_timeout_ms=30_000))
+    api, source, destinations = _hot_ledger(app, db)
+    other = api.create_account(name="other")
+    spare = api.create_account(name="spare")  # unrelated to the blocked transfer's accounts
+    api.ok_transfer(create_system_account(db, name="spare world"), spare, FUNDS)
+    results = {}
+    with psycopg.connect(database_url) as holder:
+        holder.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", (other,))
+        blocked = threading.Thread(target=lambda: results.update(
+            blocked=api.transfer(source, other, AMOUNT).status_code))
+        blocked.start()
+        while not db.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                             " AND datname = current_database()").fetchone()["n"]:
+            time.sleep(0.01)
+        # With the lock still held, other transfers of this process go through.
+        assert [api.transfer(spare, d, AMOUNT).status_code for d in destinations[:3]] == [201] * 3
+        holder.rollback()
+    blocked.join()
+    assert results["blocked"] == 201
+    assert api.balance(source) == FUNDS - AMOUNT and api.balance(spare) == FUNDS - 3 * AMOUNT
+    app.extensions["payflow"].close()
+
+
+def test_a_broken_batch_answer_fails_its_requests_and_hangs_nobody(app, db):
+    api, source, destinations = _hot_ledger(app, db)
+    batcher = app.extensions["payflow"].ledger._batcher
+    post_many = batcher._post_many
+
+    def short(params_list):
+        time.sleep(0.05)
+        return post_many(params_list)[:-1]  # one row missing: a bug
+
+    batcher._post_many = short
+    results = _race(api, source, destinations[:8])  # returns: nobody hangs
+    assert {response.status_code for _, response in results} <= {201, 500}
+
+
+def test_a_batch_size_below_two_turns_batching_off(database_url, servers):
+    app = make_app(make_config(database_url, servers["redis"], transfer_batch_size_max=0))
+    assert app.extensions["payflow"].ledger._batcher is None
+    with pytest.raises(ValueError):
+        TransferBatcher(lambda params: params, lambda many: many, batch_size_max=1, in_flight_max=1)
+    app.extensions["payflow"].close()
 
 
 def test_the_batch_function_gives_every_item_its_own_outcome(db, database_url):
@@ -128,10 +201,10 @@ def test_the_batch_function_gives_every_item_its_own_outcome(db, database_url):
     assert_ledger_consistent(database_url)
 
 
-def test_the_batcher_runs_one_batch_at_a_time_and_loses_nobody():
-    """The coordination alone: 64 threads, batches of at most 8, each request
-    answered with its own row exactly once."""
-    running, overlaps, sizes = [0], [], []
+def test_the_batcher_bounds_batches_and_loses_nobody():
+    """The coordination alone: 64 threads, batches of at most 8, at most 2 at
+    once, each request answered with its own row exactly once."""
+    running, overlaps, sizes = [0], [], []  # batches at once, and their sizes
     lock = threading.Lock()
 
     def post_many(params_list):
@@ -144,7 +217,8 @@ def test_the_batcher_runs_one_batch_at_a_time_and_loses_nobody():
             running[0] -= 1
         return [{"echo": params["n"]} for params in params_list]
 
-    batcher = TransferBatcher(lambda params: {"echo": params["n"]}, post_many, batch_size_max=8)
+    batcher = TransferBatcher(lambda params: {"echo": params["n"]}, post_many, batch_size_max=8,
+                              in_flight_max=2)
     answers = {}
 
     def one(n: int) -> None:
@@ -156,4 +230,4 @@ def test_the_batcher_runs_one_batch_at_a_time_and_loses_nobody():
     for thread in threads:
         thread.join()
     assert answers == {n: {"echo": n} for n in range(64)}
-    assert max(overlaps, default=1) == 1 and max(sizes, default=1) <= 8
+    assert max(overlaps, default=1) <= 2 and max(sizes, default=1) <= 8

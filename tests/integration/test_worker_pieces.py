@@ -131,6 +131,22 @@ def test_workers_keep_the_health_audit_fresh(db, database_url, client):
     assert client.get("/health").get_json()["unaudited_entries"] == 0
 
 
+def test_a_batch_of_events_alone_counts_as_work_done(db, database_url):
+    """run_once reports what it claimed, so a worker draining a backlog of
+    events with no subscriber goes straight on rather than waiting to be woken
+    (a fan-out to nobody queues nothing and so notifies nobody)."""
+    db.execute("INSERT INTO outbox (topic, payload) "
+               "SELECT 'transfer.posted', '{}' FROM generate_series(1, 5)")
+    config = make_config(database_url, "")
+    pool = create_pool(config.replace(pool_size_min=1, pool_size_max=1))
+    try:
+        assert Worker(config, pool).run_once() == 5
+    finally:
+        pool.close()
+    statuses = [row["status"] for row in db.execute("SELECT status FROM outbox")]
+    assert statuses == ["done"] * 5
+
+
 def test_outbox_cli_stats_list_and_retry_dead(db, database_url):
     db.execute("INSERT INTO outbox (topic, payload, status, attempts, last_error, finished_at) VALUES"
                " ('webhook.deliver', '{}', 'dead', 10, 'endpoint answered 500', now())")
