@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psycopg
 
-from bench.memory import peak_rss_mib
+from bench.processes import peak_rss_mib
 from payflow import embedded, migrations
 
 CHECKOUT = Path(__file__).resolve().parent.parent

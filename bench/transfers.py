@@ -36,7 +36,7 @@ from pathlib import Path
 import psycopg
 from psycopg.rows import dict_row
 
-from bench.memory import children_peak_rss_mib
+from bench.processes import children, children_peak_rss_mib, cpu_seconds
 from payflow import apikeys, embedded, migrations
 from payflow.audit import full_audit
 
@@ -102,12 +102,19 @@ def start_api(environ: dict, log: Path) -> subprocess.Popen:
     raise RuntimeError(log.read_text())
 
 
-def drive(plan: dict, workdir: Path) -> dict:
+def drive(plan: dict, workdir: Path, api_pid: int) -> dict:
+    """Runs the load driver; adds the API workers' CPU time per request, a
+    figure the other load on a shared machine barely moves."""
     path = workdir / f"plan-{uuid.uuid4().hex}.json"
     path.write_text(json.dumps(plan))
+    workers = children(api_pid)
+    cpu_before = cpu_seconds(workers)
     output = subprocess.run([sys.executable, "-m", "bench.load", str(path)], cwd=CHECKOUT,
                             capture_output=True, text=True, check=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    result = json.loads(output.strip().splitlines()[-1])
+    cpu_used = cpu_seconds(workers) - cpu_before
+    result["api_cpu_ms_per_request"] = round(1000 * cpu_used / max(result["requests"], 1), 3)
+    return result
 
 
 def pgbench(bin_dir: Path, url: str, clients: int, seconds: int, accounts: int, hot: bool,
@@ -184,7 +191,7 @@ def main() -> int:
                         plan = {"host": "127.0.0.1", "port": port, "seconds": args.seconds,
                                 "clients": clients, "api_keys": keys[:clients], "accounts": accounts[1:],
                                 "hot_account": accounts[0] if hot else None}
-                        result = drive(plan, home)
+                        result = drive(plan, home, api.pid)
                         ratio = round(result["per_second"] / ceiling["per_second"], 3)
                         rows.append({"scenario": scenario, "clients": clients, **result,
                                      "ceiling_per_second": ceiling["per_second"],
@@ -195,11 +202,13 @@ def main() -> int:
                 keys_done = replay_keys(port, keys[0], accounts, 200)
                 replay = drive({"host": "127.0.0.1", "port": port, "seconds": args.seconds,
                                 "clients": clients, "api_keys": keys[:1], "accounts": accounts[1:],
-                                "replay_keys": keys_done}, home)
+                                "replay_keys": keys_done}, home, api.pid)
                 uniform = next(r for r in rows if r["scenario"] == "transfer-uniform"
                                and r["clients"] == clients)
                 rows.append({"scenario": "idempotent-replay", "clients": clients, **replay,
-                             "cost_vs_transfer": round(uniform["per_second"] / replay["per_second"], 3)})
+                             "cost_vs_transfer": round(uniform["per_second"] / replay["per_second"], 3),
+                             "cpu_cost_vs_transfer": round(replay["api_cpu_ms_per_request"]
+                                                           / uniform["api_cpu_ms_per_request"], 3)})
                 memory = {"api_worker_peak_rss_mib": children_peak_rss_mib(api.pid)}
             finally:
                 api.terminate()
@@ -209,7 +218,8 @@ def main() -> int:
 
     columns = ["scenario", "clients", "per_second", "p50_ms", "p99_ms", "max_ms", "errors",
                "ratio_to_ceiling", "ceiling_per_second", "per_statement_ceiling_per_second",
-               "cost_vs_transfer", "driver_cpu_percent"]
+               "cost_vs_transfer", "cpu_cost_vs_transfer", "api_cpu_ms_per_request",
+               "driver_cpu_percent"]
     print("  ".join(f"{name:>18}" for name in columns))
     for row in rows:
         print("  ".join(f"{str(row.get(name, '')):>18}" for name in columns))

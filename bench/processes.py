@@ -1,8 +1,12 @@
-"""Peak resident memory (VmHWM) of a process's children, from /proc (Linux)."""
+"""A process's children, their peak resident memory (VmHWM) and CPU time,
+from /proc (Linux)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 
 def children(pid: int) -> list[int]:
@@ -28,3 +32,15 @@ def peak_rss_mib(pid: int) -> float | None:
 def children_peak_rss_mib(pid: int) -> list[float]:
     """Each child's peak RSS in MiB (e.g. gunicorn's workers under its master)."""
     return [rss for rss in (peak_rss_mib(child) for child in children(pid)) if rss is not None]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time these processes have used so far."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return total / _TICKS_PER_SECOND
