@@ -28,9 +28,12 @@ worker: $(STAMP)  ## one more outbox worker (start as many as you like)
 bench: $(STAMP)  ## benchmarks on their own durable servers; JSON in bench/results/
 	$(BIN)/python -m bench.transfers
 	$(BIN)/python -m bench.outbox
+	$(BIN)/python -m bench.audit
 
 bench-smoke: $(STAMP)  ## the benchmarks at tiny scale: fails on errors, never on times
 	$(BIN)/python -m bench.transfers --smoke
+	$(BIN)/python -m bench.outbox --smoke
+	$(BIN)/python -m bench.audit --smoke
 
 db-shell: $(STAMP)
 	$(BIN)/payflow db shell

@@ -1,7 +1,7 @@
 """Audit benchmarks on a large ledger: `payflow audit` (the full scan) and
 `/health` (the incremental audit) at 1M and 10M entries.
 
-    python -m bench.audit [--entries 1000000 10000000] [--accounts N] [--health-calls N]
+    python -m bench.audit [--entries 1000000 10000000] [--accounts N] [--health-calls N] [--smoke]
 
 Starts its own durable PostgreSQL (fsync on) and Redis, seeds N accounts, then
 grows the ledger to each entry count in bulk (set-based, yet a sound ledger:
@@ -97,7 +97,7 @@ def get_health(port: int) -> tuple[int, dict, float]:
     return response.status, body, elapsed_ms
 
 
-def measure(url: str, port: int, entries: int, calls: int) -> dict:
+def measure(url: str, port: int, entries: int, calls: int, advancing_calls: int) -> dict:
     started = time.perf_counter()
     report = full_audit(url)
     full_seconds = time.perf_counter() - started
@@ -123,7 +123,7 @@ def measure(url: str, port: int, entries: int, calls: int) -> dict:
     # Calls a second apart: were no worker keeping the audit fresh, each would
     # find it older than audit_max_age_ms and advance it first.
     advancing = []
-    for _ in range(ADVANCING_CALLS):
+    for _ in range(advancing_calls):
         time.sleep(1.1)
         advancing.append(get_health(port)[2])
     return {"scenario": "audit", "entries": entries, "full_audit_seconds": round(full_seconds, 2),
@@ -140,7 +140,10 @@ def main() -> None:
     parser.add_argument("--entries", type=int, nargs="*", default=[1_000_000, 10_000_000])
     parser.add_argument("--accounts", type=int, default=100_000)
     parser.add_argument("--health-calls", type=int, default=300)
+    parser.add_argument("--smoke", action="store_true", help="tiny scale, no results file")
     args = parser.parse_args()
+    if args.smoke:
+        args.entries, args.accounts, args.health_calls = [5_000], 500, 10
 
     home = Path(tempfile.mkdtemp(prefix="payflow-bench-"))
     home.chmod(0o755)
@@ -168,7 +171,8 @@ def main() -> None:
                             grow(conn, args.accounts, -(-missing // 2))
                             print(f"grew to {entry_count(conn):,} entries in "
                                   f"{time.perf_counter() - started:.0f} s", flush=True)
-                        rows.append(measure(url, port, entry_count(conn), args.health_calls))
+                        rows.append(measure(url, port, entry_count(conn), args.health_calls,
+                                            advancing_calls=2 if args.smoke else ADVANCING_CALLS))
                         print(rows[-1], flush=True)
                 finally:
                     for process in (api, worker):
@@ -176,6 +180,8 @@ def main() -> None:
                         process.wait(timeout=60)
     finally:
         shutil.rmtree(home, ignore_errors=True)
+    if args.smoke:
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {"machine": {"cores": os.cpu_count(), "python": platform.python_version(),
                           "platform": platform.platform()},

@@ -1,7 +1,7 @@
 """Outbox benchmarks: drain throughput with 1/2/4 workers (noop effects), and
 wake-up latency from commit to task start with idle workers (LISTEN/NOTIFY).
 
-    python -m bench.outbox [--tasks N] [--wakeups N]
+    python -m bench.outbox [--tasks N] [--payouts N] [--wakeups N] [--workers 1 2 4] [--smoke]
 
 Starts its own durable PostgreSQL (fsync on), so numbers are comparable from
 run to run on one machine; only ratios measured in the same run count.
@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -29,6 +30,7 @@ from payflow import embedded, migrations
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 RESULTS = CHECKOUT / "bench" / "results"
+PAYOUTS_PER_TRANSACTION = 500
 
 
 def start_workers(database_url: str, count: int, log_dir: Path) -> list[subprocess.Popen]:
@@ -56,12 +58,32 @@ def left(conn) -> int:
     return conn.execute("SELECT count(*) FROM outbox WHERE status IN ('pending', 'running')").fetchone()[0]
 
 
-def drain(database_url: str, tasks: int, workers: int, log_dir: Path) -> dict:
+def queue_events(conn, tasks: int) -> None:
+    """Event tasks with no webhook endpoint: the worker's cheapest real path."""
+    conn.execute("INSERT INTO outbox (topic, payload) SELECT 'transfer.posted', '{}' "
+                 "FROM generate_series(1, %s)", (tasks,))
+
+
+def queue_payouts(conn, tasks: int) -> None:
+    """Real payouts (money to the clearing account, a payout.requested task),
+    paid by the no-op provider: each ends in its own ledger transaction."""
+    world = conn.execute("SELECT payflow_system_account_v1('world', 'USD')").fetchone()[0]
+    account = conn.execute("INSERT INTO accounts (name, currency, overdraft_limit) "
+                           "VALUES ('bench payouts', 'USD', 0) RETURNING id").fetchone()[0]
+    run = uuid.uuid4().hex  # fresh idempotency keys for every drain
+    conn.execute("SELECT payflow_post_transfer_v1('bench', %s, repeat('0', 64), 86400, 'transfer',"
+                 " %s, %s, %s, NULL, NULL, '{}')", (f"fund-{run}", world, account, tasks))
+    for start in range(0, tasks, PAYOUTS_PER_TRANSACTION):  # short transactions: see the README
+        with conn.transaction():
+            conn.execute("SELECT payflow_create_payout_v1('bench', %s || n, repeat('0', 64), 86400,"
+                         " %s, 1, 'USD', '{\"iban\": \"bench\"}') FROM generate_series(%s::int, %s::int) n",
+                         (f"payout-{run}-", account, start + 1, min(start + PAYOUTS_PER_TRANSACTION, tasks)))
+
+
+def drain(database_url: str, tasks: int, workers: int, log_dir: Path, kind: str = "events") -> dict:
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("TRUNCATE outbox")
-        # Event tasks with no webhook endpoint: the worker's cheapest real path.
-        conn.execute("INSERT INTO outbox (topic, payload) SELECT 'transfer.posted', '{}' "
-                     "FROM generate_series(1, %s)", (tasks,))
+        (queue_payouts if kind == "payouts" else queue_events)(conn, tasks)
         conn.execute("VACUUM ANALYZE outbox")
         started = time.perf_counter()
         processes = start_workers(database_url, workers, log_dir)
@@ -70,7 +92,7 @@ def drain(database_url: str, tasks: int, workers: int, log_dir: Path) -> dict:
         elapsed = time.perf_counter() - started
         rss = [peak_rss_mib(process.pid) for process in processes]
         stop(processes)
-    return {"scenario": "outbox-drain", "workers": workers, "tasks": tasks,
+    return {"scenario": f"outbox-drain-{kind}", "workers": workers, "tasks": tasks,
             "seconds": round(elapsed, 3), "tasks_per_second": round(tasks / elapsed, 1),
             "worker_peak_rss_mib": rss}
 
@@ -98,9 +120,13 @@ def wakeup(database_url: str, count: int, workers: int, log_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=100_000)
+    parser.add_argument("--payouts", type=int, default=20_000)
     parser.add_argument("--wakeups", type=int, default=200)
     parser.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4])
+    parser.add_argument("--smoke", action="store_true", help="tiny scale, no results file")
     args = parser.parse_args()
+    if args.smoke:
+        args.tasks, args.payouts, args.wakeups, args.workers = 500, 200, 10, [1, 2]
 
     home = Path(tempfile.mkdtemp(prefix="payflow-bench-"))
     home.chmod(0o755)
@@ -109,11 +135,14 @@ def main() -> None:
             url = servers.postgres.url
             migrations.migrate(url)
             rows = [drain(url, args.tasks, workers, home) for workers in args.workers]
+            rows += [drain(url, args.payouts, workers, home, kind="payouts") for workers in args.workers]
             rows.append(wakeup(url, args.wakeups, 2, home))
     finally:
         shutil.rmtree(home, ignore_errors=True)
     for row in rows:
         print("  ".join(f"{key}={value}" for key, value in row.items()))
+    if args.smoke:
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {"machine": {"cores": os.cpu_count(), "python": platform.python_version(),
                           "platform": platform.platform()},

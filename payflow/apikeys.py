@@ -78,8 +78,13 @@ def list_keys(conn: psycopg.Connection) -> list[dict]:
     return conn.execute(queries["list_api_keys"]).fetchall()
 
 
-def revoke(conn: psycopg.Connection, key_id: str) -> bool:
-    return conn.execute(queries["revoke_api_key"], {"id": key_id}).fetchone() is not None
+def revoke(conn: psycopg.Connection, key_id: str) -> str | None:
+    """'revoked', 'already revoked', or None when no key has this id."""
+    row = conn.execute(queries["revoke_api_key"], {"id": key_id}).fetchone()
+    if row is None:
+        return None
+    was_live = row["was_live"] if isinstance(row, dict) else row[1]
+    return "revoked" if was_live else "already revoked"
 
 
 class KeyCache:

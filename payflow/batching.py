@@ -12,8 +12,9 @@ a lock does not hold up every transfer of the process.
 
 Each transfer keeps its own outcome (idempotency key, refusal, response
 bytes): the SQL function posts them one by one. When a batch fails as a whole:
-- for an error one transfer can cause (a constraint, bad data), each transfer
-  of it is posted again on its own, so its outcome is its own;
+- for an error one transfer can cause (a constraint, bad data, an account
+  locked elsewhere past lock_timeout), each transfer of it is posted again on
+  its own, so its outcome is its own;
 - for an error the batch shares (no connection, a timeout, a lost connection
   with the commit's fate unknown), every transfer of it gets that error (503):
   reposting would only wait again, and the client's retry with its
@@ -34,7 +35,10 @@ from payflow import errors, metrics
 log = logging.getLogger(__name__)
 
 # A batch failing with one of these may have one culprit: post each on its own.
-ONE_TRANSFER_ERRORS = (errors.ConstraintViolated, errors.ValidationFailed, errors.IdempotencyKeyInUse)
+# A lock not granted in time is one: the batch locks all its accounts up
+# front, and one account locked elsewhere must not fail the transfers of others.
+ONE_TRANSFER_ERRORS = (errors.ConstraintViolated, errors.ValidationFailed, errors.IdempotencyKeyInUse,
+                       errors.LockUnavailable)
 
 
 @dataclass(eq=False)
@@ -66,8 +70,9 @@ class TransferBatcher:
         with self._changed:
             self._queue.append(mine)
             while not mine.done:
-                if self._in_flight >= self._in_flight_max or not self._queue:
-                    # Every slot busy; or our transfer is in a running batch.
+                if self._in_flight >= self._in_flight_max or mine not in self._queue:
+                    # Every slot busy; or our transfer is in a batch another
+                    # thread runs (we answer when it ends, leading nothing else).
                     self._changed.wait()
                     continue
                 batch = self._queue[: self._batch_size_max]

@@ -129,6 +129,10 @@ def keys_list() -> None:
             click.echo(json.dumps(key, default=str))
 
 
+# Revocations are rare: the mark outlives any key cache TTL an API process may use.
+REVOCATION_MARK_MS = 24 * 3600 * 1000
+
+
 @keys.command("revoke")
 @click.argument("key_id")
 def keys_revoke(key_id: str) -> None:
@@ -142,17 +146,17 @@ def keys_revoke(key_id: str) -> None:
     with runner.server_environment(need_redis=False) as environ:
         with _database(environ) as conn:
             revoked = apikeys.revoke(conn, key_id)
-        if not revoked:
-            click.echo("no live key with this id")
+        if revoked is None:
+            click.echo("no key with this id")
             sys.exit(1)
-        # API processes cache live keys; the mark in Redis reaches them at once.
+        # API processes cache live keys; the mark in Redis reaches them at once
+        # (again, for a key revoked already: a first attempt may not have).
         config = Config.load(environ=environ)
         guard = RedisGuard(config)
-        keep_ms = int(2000 * max(config.api_key_cache_seconds, 1))  # outlives every cached entry
-        told = guard.mark_revoked(str(uuid.UUID(key_id)), keep_ms=keep_ms)
+        told = guard.mark_revoked(str(uuid.UUID(key_id)), keep_ms=REVOCATION_MARK_MS)
         guard.close()
-    click.echo("revoked" if told else
-               f"revoked (Redis not reachable: API processes stop accepting it within "
+    click.echo(revoked if told else
+               f"{revoked} (Redis not reachable: API processes stop accepting it within "
                f"{config.api_key_cache_seconds:g} s)")
 
 

@@ -79,7 +79,9 @@ def wrap_errors() -> Iterator[None]:
         raise _constraint_error(error) from error
     except psycopg.IntegrityError as error:
         raise _constraint_error(error) from error
-    except (pg_errors.QueryCanceled, pg_errors.LockNotAvailable) as error:
+    except pg_errors.LockNotAvailable as error:
+        raise errors.LockUnavailable("A row this request needs is locked; retry later.") from error
+    except pg_errors.QueryCanceled as error:
         raise errors.Unavailable("The database took too long; retry later.") from error
     except psycopg.DataError as error:
         # Validation should have stopped this input; answer 4xx, but say so in the log.

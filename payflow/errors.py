@@ -140,6 +140,10 @@ class Unavailable(ApiError):
     retry_after_seconds = 1
 
 
+class LockUnavailable(Unavailable):
+    """A row lock was not granted in time (lock_timeout): held by someone else."""
+
+
 class ConstraintViolated(ApiError):
     """The request breaks a rule of the ledger."""
 

@@ -205,7 +205,8 @@ class RedisGuard:
 
     def acquire(self, scope: str, key: str) -> InFlightLock:
         """The in-flight lock alone, for callers outside a request (no rate limit)."""
-        return self.admit(scope, key, limit=0, window_seconds=1, window=0).lock
+        lock = self.admit(scope, key, limit=0, window_seconds=1, window=0).lock
+        return lock or InFlightLock(acquired=True)  # no lock taken (a revoked scope): the database decides
 
     def complete(self, lock: InFlightLock, completed: Completed) -> None:
         """Swap our lock for the committed answer, kept for

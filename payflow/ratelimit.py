@@ -27,6 +27,8 @@ class RateLimiter:
         now = time.time()
         admission = self._guard.admit(key_id, idempotency_key, max(self._limit, 0), WINDOW_SECONDS,
                                       int(now // WINDOW_SECONDS))
+        if admission.revoked:
+            return admission  # the caller hears 401 (auth), not "retry later"
         if self._limit > 0 and admission.count is not None and admission.count > self._limit:
             error = errors.RateLimited(details={"limit_per_minute": self._limit})
             error.retry_after_seconds = max(1, int(WINDOW_SECONDS - now % WINDOW_SECONDS))

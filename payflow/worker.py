@@ -49,6 +49,7 @@ class Task:
 
 # Errors of one statement (a timeout, a lock wait, a deadlock): the connection
 # is fine, so the task failed and is retried with backoff like any other failure.
+PAYOUT_TOPIC = "payout.requested"
 AUDIT_INTERVAL_MIN_SECONDS = 0.1  # even when /health wants an audit per call (max age 0)
 STATEMENT_ERRORS = (pg_errors.QueryCanceled, pg_errors.LockNotAvailable, pg_errors.TransactionRollback)
 
@@ -80,7 +81,9 @@ class Worker:
         self._held: list[Task] = []
         self._current: Task | None = None
         self._claimed_at = 0.0  # monotonic time just before the last claim was sent
-        self._handlers = {"payout.requested": self._run_payout, "webhook.deliver": self._deliver_webhook}
+        self._handlers = {PAYOUT_TOPIC: self._run_payout, "webhook.deliver": self._deliver_webhook}
+        self._started: dict[int, dict | None] = {}  # payouts marked processing with their batch
+        self._paid: list[tuple[Task, str]] = []  # paid payouts (task, reference) to end together
 
     # -- the loop -------------------------------------------------------------
 
@@ -108,14 +111,19 @@ class Worker:
         """Claims one batch and runs it; returns how many tasks it claimed."""
         claimed = self._claim()
         self._held = list(claimed)
-        for task in self._fan_out_events(claimed):
+        tasks = self._fan_out_events(claimed)
+        self._started = self._start_payouts([task for task in tasks if task.topic == PAYOUT_TOPIC])
+        for task in tasks:
             if self.stopping.is_set():
                 break
             self._current = task
             self._held.remove(task)
             if self._renew(task):
                 self._run(task)
+            else:
+                self._started.pop(task.id, None)  # its new owner has the payout now
             self._current = None
+        self._end_paid_payouts()
         self._release_held()
         return len(claimed)
 
@@ -147,7 +155,13 @@ class Worker:
     def _release_held(self) -> None:
         """Hands back what this worker claimed and has not ended: the rest of a
         batch when stopping, and, after the database went away, the task it was
-        running too (keeping that task's attempt)."""
+        running too (keeping that task's attempt). Payouts marked processing
+        with the batch but never sent become what they were before."""
+        unsent = [payout["id"] for payout in self._started.values() if payout is not None]
+        if unsent:
+            with self.pool.connection() as conn:
+                conn.execute(queries["payouts_unstart"], {"ids": unsent})
+        self._started = {}
         for tasks, started in ((self._held, False), ([self._current] if self._current else [], True)):
             if tasks:
                 with self.pool.connection() as conn:
@@ -239,10 +253,42 @@ class Worker:
         with self.pool.connection() as conn:
             conn.execute(queries["webhook_fan_out"], {"task_id": task.id, "owner": self.owner})
 
+    def _start_payouts(self, tasks: list[Task]) -> dict[int, dict | None]:
+        """Marks the batch's payouts processing in one transaction (one commit,
+        not one per payout) while the batch's lease is young: task id -> the
+        payout, or None when an earlier run finished it. Each is marked before
+        its provider call, as one by one."""
+        if len(tasks) < 2 or time.monotonic() - self._claimed_at >= self.config.worker_lease_seconds / 2:
+            return {}
+        with self.pool.connection() as conn:
+            rows = {row["id"]: row for row in conn.execute(queries["payouts_start"], {
+                "ids": [task.payload["payout_id"] for task in tasks]})}
+        return {task.id: rows.get(uuid.UUID(str(task.payload["payout_id"]))) for task in tasks}
+
+    def _end_paid_payouts(self) -> None:
+        """Ends the batch's paid payouts and their tasks in one transaction. A
+        crash before it only means their tasks run again, and the provider,
+        deduping on the payout's key, answers "paid" again."""
+        paid, self._paid = self._paid, []
+        if not paid:
+            return
+        with self.pool.connection() as conn:
+            ours = {row["task_id"]: row["ours"] for row in conn.execute(queries["payouts_succeed"], {
+                "payout_ids": [task.payload["payout_id"] for task, _ in paid],
+                "references": [reference for _, reference in paid],
+                "task_ids": [task.id for task, _ in paid], "owner": self.owner})}
+        for task, _ in paid:
+            if not ours.get(task.id):
+                log.warning("payout task %d was no longer ours; its new owner finishes it", task.id,
+                            extra=_fields(task))
+
     def _run_payout(self, task: Task) -> None:
         payout_id = task.payload["payout_id"]
-        with self.pool.connection() as conn:
-            payout = conn.execute(queries["payout_start"], {"id": payout_id}).fetchone()
+        if task.id in self._started:
+            payout = self._started.pop(task.id)
+        else:
+            with self.pool.connection() as conn:
+                payout = conn.execute(queries["payout_start"], {"id": payout_id}).fetchone()
         if payout is None:  # finished by an earlier run of this task
             self._finish(task, "done")
             return
@@ -253,7 +299,7 @@ class Worker:
             amount=payout["amount"], currency=payout["currency"], destination=payout["destination"]))
         exhausted = task.attempts >= self.config.outbox_attempts_max
         if result.outcome == "paid":
-            self._end_payout("payout_succeed", task, {"reference": result.reference})
+            self._paid.append((task, result.reference))  # ended with the batch's others
         elif result.outcome == "permanent":
             self._end_payout("payout_fail", task, {"reason": result.reason})
         elif result.outcome == "retryable" and exhausted:

@@ -34,7 +34,9 @@ def _authenticate() -> None:
     if scheme.lower() != "bearer" or not secret.strip():
         raise errors.Unauthorized()
     secret = secret.strip()
-    found = _lookup(secret)
+    cache = services().key_cache
+    cached = cache.get(secret) if services().guard.available else None
+    found = cached or _from_database(secret)
     if found is None:
         raise errors.Unauthorized(UNKNOWN_OR_REVOKED)
     g.caller = found
@@ -46,27 +48,30 @@ def _authenticate() -> None:
     # its cached answer).
     admission = services().rate_limiter.admit(found.key_id, _idempotency_key(view) if allowed else None)
     if admission.revoked:
-        services().key_cache.drop(found.key_id)
+        cache.drop(found.key_id)
         g.caller = None
         raise errors.Unauthorized(UNKNOWN_OR_REVOKED)
     g.in_flight = admission.lock
+    # The cache is only as good as the Redis round trip that carries
+    # revocations: kept or filled when Redis answered, else the database decides.
+    if admission.count is None and cached is not None:
+        cache.drop(found.key_id)
+        if _from_database(secret) is None:
+            g.caller = None
+            raise errors.Unauthorized(UNKNOWN_OR_REVOKED)
+    elif admission.count is not None and cached is None:
+        cache.put(secret, found)
     if view is None:
         return  # no such route (or method): 404 / 405 follow
     if not allowed:
         raise errors.Forbidden(details={"required_scope": needed})
 
 
-def _lookup(secret: str) -> apikeys.Caller | None:
-    """The live key with this secret: from this process's cache while Redis
-    (which carries revocations) answers, else from the database."""
-    cache, use_cache = services().key_cache, services().guard.available
-    found = cache.get(secret) if use_cache else None
-    if found is None and apikeys.well_formed(secret):
-        with wrap_errors(), services().pool.connection() as conn:
-            found = apikeys.authenticate(conn, secret)
-        if found is not None and use_cache:
-            cache.put(secret, found)
-    return found
+def _from_database(secret: str) -> apikeys.Caller | None:
+    if not apikeys.well_formed(secret):
+        return None
+    with wrap_errors(), services().pool.connection() as conn:
+        return apikeys.authenticate(conn, secret)
 
 
 def _idempotency_key(view) -> str | None:

@@ -14,5 +14,7 @@ SELECT id, name, scopes, secret_sha256 FROM api_keys
 SELECT id, name, scopes, prefix, created_at, revoked_at FROM api_keys ORDER BY created_at DESC;
 
 -- name: revoke_api_key
--- Revokes a key at once.
-UPDATE api_keys SET revoked_at = now() WHERE id = %(id)s AND revoked_at IS NULL RETURNING id;
+-- Revokes a key at once; a row (was it live?) whenever the key exists.
+WITH revoked AS (
+    UPDATE api_keys SET revoked_at = now() WHERE id = %(id)s AND revoked_at IS NULL RETURNING id)
+SELECT k.id, EXISTS (SELECT FROM revoked) AS was_live FROM api_keys k WHERE k.id = %(id)s;

@@ -50,3 +50,27 @@ SELECT reference FROM paid
 UNION ALL
 SELECT reference FROM simulated_provider_payouts WHERE idempotency_key = %(key)s
 LIMIT 1;
+
+-- name: payouts_start
+-- Marks a batch's payouts processing (attempt + 1) in one transaction, in id
+-- order (two workers never deadlock); payouts already finished are absent.
+SELECT p.id, p.account_id, p.amount, p.currency, p.destination, p.attempts
+  FROM (SELECT DISTINCT unnest(%(ids)s::uuid[]) AS id ORDER BY 1) i,
+       LATERAL payflow_payout_start_v1(i.id) p
+ WHERE p.id IS NOT NULL;
+
+-- name: payouts_succeed
+-- Ends a batch's paid payouts and their tasks in one transaction, in task
+-- order; per task, false if it is no longer ours.
+SELECT i.task_id, payflow_payout_succeed_v1(i.payout_id, i.reference, i.task_id, %(owner)s) AS ours
+  FROM (SELECT * FROM unnest(%(payout_ids)s::uuid[], %(references)s::text[], %(task_ids)s::bigint[])
+            AS u(payout_id, reference, task_id)
+         ORDER BY task_id) i;
+
+-- name: payouts_unstart
+-- Payouts a stopping worker marked processing with its batch but never sent:
+-- their attempt back, and pending again if it was their first.
+UPDATE payouts
+   SET attempts = attempts - 1, updated_at = now(),
+       status = CASE WHEN attempts = 1 THEN 'pending' ELSE status END
+ WHERE id = ANY (%(ids)s::uuid[]) AND status = 'processing';

@@ -6,8 +6,10 @@ from __future__ import annotations
 import time
 
 import pytest
+import redis
 from click.testing import CliRunner
 
+from payflow import embedded, idempotency
 from payflow.cli import main
 from tests.conftest import make_app, make_config, new_api_key
 from tests.helpers import JSON, Api, assert_error, create_system_account, new_key
@@ -210,3 +212,30 @@ def test_keys_cli_creates_lists_and_shows_the_secret_once(database_url):
     listed = runner.invoke(main, ["keys", "list"], env=environ)
     assert '"name": "ci"' in listed.output and secret not in listed.output
     assert secret[:12] in listed.output  # the prefix, to tell keys apart
+
+
+def test_a_cached_key_is_checked_in_the_database_when_redis_does_not_answer(app, client, db):
+    """Redis carries revocations: a request whose Redis round trip failed
+    cannot trust the cache, so a key revoked behind Redis's back is refused."""
+    key_id, secret = new_api_key(app.extensions["payflow"].config.database_url, ["read"])
+    assert client.get("/v1/accounts/x", headers=bearer(secret)).status_code == 404  # cached now
+    db.execute("UPDATE api_keys SET revoked_at = now() WHERE id = %s", (key_id,))
+    guard = app.extensions["payflow"].guard
+    dead = redis.Redis(port=embedded.free_port(), socket_timeout=0.2, socket_connect_timeout=0.2)
+    guard._admit = dead.register_script(idempotency._ADMIT_SCRIPT)  # Redis stops answering
+    assert_error(client.get("/v1/accounts/x", headers=bearer(secret)), 401, "unauthorized")
+
+
+def test_revoking_again_tells_the_api_processes(app, client, db):
+    """A key revoked behind Redis's back (plain SQL) can be revoked again to
+    reach the API processes' caches at once."""
+    config = app.extensions["payflow"].config
+    key_id, secret = new_api_key(config.database_url, ["read"])
+    assert client.get("/v1/accounts/x", headers=bearer(secret)).status_code == 404
+    db.execute("UPDATE api_keys SET revoked_at = now() WHERE id = %s", (key_id,))
+    assert client.get("/v1/accounts/x", headers=bearer(secret)).status_code == 404  # still cached
+    result = CliRunner().invoke(main, ["keys", "revoke", key_id], env={
+        "PAYFLOW_DATABASE_URL": config.database_url, "PAYFLOW_REDIS_URL": config.redis_url,
+        "PAYFLOW_REDIS_KEY_PREFIX": config.redis_key_prefix})
+    assert result.exit_code == 0 and result.output.strip() == "already revoked"
+    assert_error(client.get("/v1/accounts/x", headers=bearer(secret)), 401, "unauthorized")

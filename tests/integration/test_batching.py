@@ -148,6 +148,22 @@ def test_a_transfer_waiting_on_a_lock_does_not_hold_up_the_others(database_url, 
     app.extensions["payflow"].close()
 
 
+def test_an_account_locked_elsewhere_fails_only_its_own_transfer(database_url, servers, db):
+    """The batch locks all its accounts up front; one of them held past
+    lock_timeout must not fail the transfers between other accounts."""
+    app = make_app(make_config(database_url, servers["redis"], lock_timeout_ms=300))
+    api, source, destinations = _hot_ledger(app, db)
+    _slow_batches(app, sizes := [])
+    with psycopg.connect(database_url) as holder:
+        holder.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", (destinations[0],))
+        results = _race(api, source, destinations[:4])
+        holder.rollback()
+    assert max(sizes) > 1
+    assert [response.status_code for _, response in results] == [503, 201, 201, 201]
+    assert api.balance(source) == FUNDS - 3 * AMOUNT
+    app.extensions["payflow"].close()
+
+
 def test_a_broken_batch_answer_fails_its_requests_and_hangs_nobody(app, db):
     api, source, destinations = _hot_ledger(app, db)
     batcher = app.extensions["payflow"].ledger._batcher

@@ -386,3 +386,30 @@ def test_a_batch_of_events_fans_out_in_one_go_each_to_its_subscribers_once(clien
     assert posted_only["id"]
     left = db.execute("SELECT count(*) AS n FROM outbox WHERE status <> 'done'").fetchone()["n"]
     assert left == 0
+
+
+def test_a_batch_of_payouts_starts_and_ends_together_each_with_its_own_outcome(client, db, funded,
+                                                                              make_worker, database_url):
+    """The worker marks a claimed batch's payouts processing in one transaction
+    and ends the paid ones in one more; refusals and retries stay per payout."""
+    api, account = funded
+    created = [request_payout(client, account, 100 * (n + 1)).get_json()["id"] for n in range(8)]
+    worker = make_worker(simulated_permanent_failure_rate=0.4, simulated_seed=7)
+    started, ended = [], []
+    start, end = worker._start_payouts, worker._end_paid_payouts
+    worker._start_payouts = lambda tasks: started.append(len(tasks)) or start(tasks)
+    worker._end_paid_payouts = lambda: ended.append(len(worker._paid)) or end()
+    drain(worker)
+
+    assert started[0] == 8 and ended[0] >= 2  # one transaction each for the batch
+    outcomes = {payout_id: payout(client, payout_id) for payout_id in created}
+    succeeded = [p for p in outcomes.values() if p["status"] == "succeeded"]
+    failed = [p for p in outcomes.values() if p["status"] == "failed"]
+    assert succeeded and failed and len(succeeded) + len(failed) == 8
+    for payout_id, body in outcomes.items():
+        assert provider_books(db, payout_id) == (1, 1 if body["status"] == "succeeded" else 0)
+    assert clearing_balance(db) == sum(p["amount"] for p in succeeded)
+    assert api.balance(account) == 10_000 - sum(p["amount"] for p in succeeded)
+    left = db.execute("SELECT count(*) AS n FROM outbox WHERE status <> 'done'").fetchone()["n"]
+    assert left == 0
+    assert_ledger_consistent(database_url)
