@@ -26,14 +26,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import psycopg
 from psycopg.rows import dict_row
 
-from bench.transfers import seed, start_api
+from bench.transfers import api_environment, bench_home, seed, start_api
 from payflow import embedded, migrations
 from payflow.audit import full_audit
 
@@ -145,16 +144,14 @@ def main() -> None:
     if args.smoke:
         args.entries, args.accounts, args.health_calls = [5_000], 500, 10
 
-    home = Path(tempfile.mkdtemp(prefix="payflow-bench-"))
-    home.chmod(0o755)
+    home = bench_home()
     rows = []
     try:
         with embedded.EmbeddedServers(home / "servers", durable=True) as servers:
             url = servers.postgres.url
             migrations.migrate(url)
             port = embedded.free_port()
-            environ = {key: value for key, value in os.environ.items() if not key.startswith("PAYFLOW_")}
-            environ.update({**servers.environment(), "PAYFLOW_PORT": str(port), "PAYFLOW_ACCESS_LOG": ""})
+            environ = api_environment(servers, port)
             with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
                 seed(conn, args.accounts)
                 api = start_api(environ, home / "gunicorn.log")

@@ -84,6 +84,20 @@ def seed(conn, accounts: int) -> list[str]:
     return [str(world), *ids]
 
 
+def bench_home() -> Path:
+    """A scratch folder the servers' unprivileged user can enter."""
+    home = Path(tempfile.mkdtemp(prefix="payflow-bench-"))
+    home.chmod(0o755)
+    return home
+
+
+def api_environment(servers: embedded.EmbeddedServers, port: int) -> dict:
+    """The API's environment: these servers and port, none of the caller's PAYFLOW_*."""
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("PAYFLOW_")}
+    environ.update({**servers.environment(), "PAYFLOW_PORT": str(port), "PAYFLOW_ACCESS_LOG": ""})
+    return environ
+
+
 def start_api(environ: dict, log: Path) -> subprocess.Popen:
     with open(log, "ab") as file:
         process = subprocess.Popen(
@@ -163,8 +177,7 @@ def main() -> int:
     if args.smoke:
         args.accounts, args.seconds, args.clients = 200, 1, [1, 4]
 
-    home = Path(tempfile.mkdtemp(prefix="payflow-bench-"))
-    home.chmod(0o755)
+    home = bench_home()
     rows = []
     try:
         with embedded.EmbeddedServers(home / "servers", durable=True) as servers:
@@ -178,9 +191,7 @@ def main() -> int:
                     raise RuntimeError("the seeded ledger does not audit clean")
                 keys = [apikeys.create(conn, f"bench-{n}", ["admin"])[1] for n in range(max(args.clients))]
             port = embedded.free_port()
-            environ = {key: value for key, value in os.environ.items() if not key.startswith("PAYFLOW_")}
-            environ.update({**servers.environment(), "PAYFLOW_PORT": str(port), "PAYFLOW_ACCESS_LOG": ""})
-            api = start_api(environ, home / "gunicorn.log")
+            api = start_api(api_environment(servers, port), home / "gunicorn.log")
             bin_dir = embedded.postgres_bin_dir()
             try:
                 for scenario, hot in (("transfer-uniform", False), ("transfer-hot", True)):
