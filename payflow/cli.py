@@ -273,31 +273,36 @@ def settlements_import(path: Path, file_format: str | None, source: str | None) 
               help="Days a settlement may be from its payout's success "
                    "(default: PAYFLOW_RECONCILIATION_WINDOW_DAYS).")
 @click.option("--as-of", default=None, help="An RFC 3339 moment, not in the future (default: now).")
+@click.option("--since", default=None,
+              help="An RFC 3339 moment: leave out the payouts that succeeded before it (and their "
+                   "lines) and other lines dated before it (default: all history).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
-def reconcile(window_days: int | None, as_of: str | None, as_json: bool) -> None:
+def reconcile(window_days: int | None, as_of: str | None, since: str | None, as_json: bool) -> None:
     """Match settlements to succeeded payouts; print the counts per class and
     the totals. GET /v1/reconciliations/<id> lists the exceptions."""
     from payflow import errors, reconciliation, schemas
     from payflow.config import Config
 
-    given = {name: value for name, value in (("window_days", window_days), ("as_of", as_of))
-             if value is not None}
+    given = {name: value for name, value in
+             (("window_days", window_days), ("as_of", as_of), ("since", since)) if value is not None}
     try:
         parameters = schemas.load(schemas.ReconciliationCreateSchema(), given)
         with runner.server_environment(need_redis=False) as environ, _database(environ) as conn:
-            run_id = reconciliation.run(conn, Config.load(environ=environ), parameters["as_of"],
-                                        parameters["window_days"], created_by=None)
+            run_id = reconciliation.run(conn, Config.load(environ=environ), created_by=None,
+                                        **parameters)
             run = reconciliation.summary(conn, run_id)
     except errors.ApiError as error:
         _fail(error)
     if as_json:
         click.echo(json.dumps(run, indent=2))
         return
-    click.echo(f"reconciliation {run['id']} as of {run['as_of']}, window {run['window_days']} days: "
-               f"{run['status']}")
+    since_text = f" since {run['since']}" if run["since"] else ""
+    click.echo(f"reconciliation {run['id']} as of {run['as_of']}{since_text}, window "
+               f"{run['window_days']} days: {run['status']}")
     for code in ("matched", "pending", *schemas.EXCEPTION_CODES):
         click.echo(f"  {code:<22} {run['counts'][code]:>9}")
     for total in run["totals"]:
         click.echo(f"  {total['currency']}: expected {total['expected_amount']}, settled "
                    f"{total['settled_amount']}, difference {total['difference']}")
-    click.echo(f"{run['exceptions_open']} open exceptions: GET /v1/reconciliations/{run['id']}")
+    click.echo(f"{run['exceptions_open']} open exceptions ({run['exceptions_resolved_earlier']} found again "
+               f"were resolved in earlier runs): GET /v1/reconciliations/{run['id']}")

@@ -24,10 +24,11 @@ CURSOR_PREFIX = "exceptions:"
 FIRST_ID = uuid.UUID(int=0)
 
 
-def run(conn: psycopg.Connection, config: Config, as_of: datetime | None, window_days: int | None,
-        created_by: str | None) -> uuid.UUID:
+def run(conn: psycopg.Connection, config: Config, *, as_of: datetime | None, since: datetime | None,
+        window_days: int | None, created_by: str | None) -> uuid.UUID:
     """Classifies every payout succeeded and every settlement line imported
-    by as_of (default: now); returns the new run's id."""
+    by as_of (default: now), leaving out the payouts that succeeded before
+    since (default: none); returns the new run's id."""
     now = datetime.now(UTC)
     if as_of is not None and as_of > now:
         # Payouts would be called missing before their window has passed.
@@ -35,9 +36,12 @@ def run(conn: psycopg.Connection, config: Config, as_of: datetime | None, window
     with conn.transaction():
         conn.execute(queries["reconciliation_statement_timeout"],
                      {"timeout_ms": str(config.reconciliation_statement_timeout_ms)})
-        return conn.execute(queries["reconcile"], {
-            "as_of": as_of or now, "created_by": created_by,
-            "window_days": window_days or config.reconciliation_window_days}).fetchone()["id"]
+        row = conn.execute(queries["reconcile"], {
+            "as_of": as_of or now, "since": since, "created_by": created_by,
+            "window_days": window_days or config.reconciliation_window_days}).fetchone()
+    if row["outcome"] == "since_after_as_of":
+        raise errors.ValidationFailed(details={"since": ["Must not be after as_of."]})
+    return row["run_id"]
 
 
 def summary(conn: psycopg.Connection, run_id: uuid.UUID | None) -> dict:

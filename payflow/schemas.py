@@ -383,6 +383,9 @@ class ReconciliationCreateSchema(Schema):
         "description": "Default: PAYFLOW_RECONCILIATION_WINDOW_DAYS (3)"})
     as_of = fields.AwareDateTime(load_default=None, format="iso", metadata={
         "description": "RFC 3339, not in the future; default: now"})
+    since = fields.AwareDateTime(load_default=None, format="iso", metadata={
+        "description": "RFC 3339, not after as_of: leaves out the payouts that succeeded before it "
+                       "(and their lines) and other lines dated before it; default: none"})
 
 
 class ReconciliationQuerySchema(Schema):
@@ -424,6 +427,8 @@ class ReconciliationExceptionSchema(Schema):
     resolved_at = fields.DateTime(required=True, allow_none=True)
     resolved_by = fields.UUID(required=True, allow_none=True, metadata={"description": "API key id"})
     resolution_note = fields.String(required=True, allow_none=True)
+    resolution_carried_from = fields.UUID(required=True, allow_none=True, metadata={
+        "description": "The exception of an earlier run whose resolution this one repeats"})
 
 
 class ReconciliationExceptionsPageSchema(Schema):
@@ -442,12 +447,15 @@ class ReconciliationSchema(Schema):
     id = fields.UUID(required=True)
     object = fields.String(required=True, validate=validate.Equal("reconciliation"))
     as_of = fields.DateTime(required=True)
+    since = fields.DateTime(required=True, allow_none=True)
     window_days = fields.Integer(required=True)
     status = fields.String(required=True, validate=validate.OneOf(["reconciled", "exceptions_open"]))
     counts = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
     totals = fields.List(fields.Nested(ReconciliationTotalSchema), required=True)
     exceptions_total = fields.Integer(required=True)
     exceptions_open = fields.Integer(required=True)
+    exceptions_resolved_earlier = fields.Integer(required=True, metadata={
+        "description": "Exceptions found again that an operator resolved in an earlier run"})
     created_by = fields.UUID(required=True, allow_none=True)
     created_at = fields.DateTime(required=True)
     exceptions = fields.Nested(ReconciliationExceptionsPageSchema, required=True)

@@ -97,11 +97,14 @@ END $$;
 -- A reconciliation run: what payflow knew at as_of (the payouts that had
 -- succeeded and the settlement lines that had been imported by then),
 -- classified at once. A run as of a past moment finds what a run then would
--- have found. Runs are evidence too: never edited or deleted; running again
--- makes a new run.
+-- have found. since, when given, leaves out the payouts that succeeded before
+-- it (and the lines naming them): the history before a deploy, or before a
+-- period already closed. Runs are evidence too: never edited or deleted;
+-- running again makes a new run.
 CREATE TABLE reconciliation_runs (
     id          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     as_of       timestamptz NOT NULL,
+    since       timestamptz CHECK (since <= as_of),
     window_days integer NOT NULL CHECK (window_days BETWEEN 1 AND 90),
     -- Per class: matched, pending (still within its window) and each exception code.
     counts      jsonb NOT NULL CHECK (jsonb_typeof(counts) = 'object'),
@@ -117,7 +120,9 @@ CREATE TRIGGER reconciliation_runs_no_truncate BEFORE TRUNCATE ON reconciliation
 
 -- What a run could not match, and how an operator resolved it.
 -- difference = settled_amount - expected_amount (a fee of 25 is -25), when
--- the run has both in one currency.
+-- the run has both in one currency. An exception an operator resolved in an
+-- earlier run is recorded resolved again, with that resolution (who, when,
+-- why) and resolution_carried_from naming the exception it was given to.
 CREATE TABLE reconciliation_exceptions (
     id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     run_id          uuid NOT NULL REFERENCES reconciliation_runs (id),
@@ -134,15 +139,22 @@ CREATE TABLE reconciliation_exceptions (
     resolved_at     timestamptz,
     resolved_by     uuid REFERENCES api_keys (id),
     resolution_note text CHECK (char_length(resolution_note) BETWEEN 1 AND 1000),
+    resolution_carried_from uuid REFERENCES reconciliation_exceptions (id),
     CONSTRAINT reconciliation_exceptions_names_something
         CHECK (payout_id IS NOT NULL OR settlement_id IS NOT NULL),
     CONSTRAINT reconciliation_exceptions_difference
         CHECK (difference IS NULL OR difference = settled_amount - expected_amount),
     CONSTRAINT reconciliation_exceptions_resolution
         CHECK ((resolved_at IS NULL) = (resolved_by IS NULL)
-               AND (resolved_at IS NULL) = (resolution_note IS NULL))
+               AND (resolved_at IS NULL) = (resolution_note IS NULL)),
+    CONSTRAINT reconciliation_exceptions_carried_resolution
+        CHECK (resolution_carried_from IS NULL OR resolved_at IS NOT NULL)
 );
 CREATE INDEX reconciliation_exceptions_run ON reconciliation_exceptions (run_id, code, id);
+-- The resolutions operators gave, which every run looks up: few (people write
+-- them), while the exceptions of all runs grow with every run.
+CREATE INDEX reconciliation_exceptions_resolutions ON reconciliation_exceptions (resolved_at)
+    WHERE resolved_at IS NOT NULL AND resolution_carried_from IS NULL;
 
 -- An exception is resolved at most once, and nothing else of it ever changes:
 -- the resolution (who, when, why) is the audit record.
@@ -168,25 +180,35 @@ CREATE TRIGGER reconciliation_exceptions_no_truncate BEFORE TRUNCATE ON reconcil
 -- amount, within the window), then the earliest, settles it; any other record
 -- naming it is a duplicate. A record naming no payout that had succeeded by
 -- as_of is unexpected. A payout with no record is missing once its window
--- has passed, pending before.
-CREATE FUNCTION payflow_reconcile_v1(p_as_of timestamptz, p_window_days integer, p_created_by uuid)
-RETURNS uuid LANGUAGE plpgsql AS $$
+-- has passed, pending before. With p_since, only the payouts that succeeded at
+-- or after it count, with every record naming them, and the records dated at
+-- or after it that name no other payout. An exception an operator resolved
+-- by as_of (same code, payout and settlement) is recorded resolved again.
+-- outcome: 'created' (run_id) or 'since_after_as_of'.
+CREATE FUNCTION payflow_reconcile_v1(
+    p_as_of timestamptz, p_since timestamptz, p_window_days integer, p_created_by uuid,
+    OUT outcome text, OUT run_id uuid)
+LANGUAGE plpgsql AS $$
 DECLARE
     tolerance constant interval := make_interval(days => p_window_days);
-    created_run uuid;
 BEGIN
+    IF p_since > p_as_of THEN
+        outcome := 'since_after_as_of';
+        RETURN;
+    END IF;
     WITH due AS (
         SELECT id, amount, currency, succeeded_at FROM payouts
          WHERE status = 'succeeded' AND succeeded_at <= p_as_of
+           AND succeeded_at >= coalesce(p_since, '-infinity')
     ), reported AS (
         SELECT * FROM settlements WHERE imported_at <= p_as_of
     ), named AS (
-        SELECT DISTINCT ON (settlement_id) settlement_id, payout_id, payout_status
+        SELECT DISTINCT ON (settlement_id) settlement_id, payout_id, payout_status, payout_succeeded_at
           FROM (SELECT r.id AS settlement_id, p.id AS payout_id, p.status AS payout_status,
-                       1 AS preference, p.created_at
+                       p.succeeded_at AS payout_succeeded_at, 1 AS preference, p.created_at
                   FROM reported r JOIN payouts p ON p.provider_reference = r.payout_reference
                 UNION ALL
-                SELECT r.id, p.id, p.status, 2, p.created_at
+                SELECT r.id, p.id, p.status, p.succeeded_at, 2, p.created_at
                   FROM reported r JOIN payouts p ON p.id::text = lower(r.payout_reference)) candidates
          ORDER BY settlement_id, preference, created_at, payout_id
     ), records AS (
@@ -197,6 +219,10 @@ BEGIN
           FROM reported r
           LEFT JOIN named n ON n.settlement_id = r.id
           LEFT JOIN due d ON d.id = n.payout_id
+         -- Before since: only the records of the run's payouts; never those of
+         -- a payout that succeeded before it.
+         WHERE p_since IS NULL OR d.id IS NOT NULL
+            OR (r.settled_at >= p_since AND NOT coalesce(n.payout_succeeded_at < p_since, false))
     ), ranked AS (
         SELECT *,
                first_value(settlement_id) OVER by_fit AS first_settlement_id,
@@ -246,35 +272,53 @@ BEGIN
           FROM (SELECT currency, sum(expected) AS expected, sum(settled) AS settled
                   FROM (SELECT currency, amount AS expected, 0 AS settled FROM due
                         UNION ALL
-                        SELECT currency, 0, amount FROM reported) amounts
+                        SELECT currency, 0, amount FROM records) amounts
                  GROUP BY currency) per_currency
+    ), resolutions AS (
+        -- The first resolution an operator gave each (code, payout, settlement) by as_of.
+        SELECT DISTINCT ON (code, payout_id, settlement_id)
+               id, code, payout_id, settlement_id, resolved_at, resolved_by, resolution_note
+          FROM reconciliation_exceptions
+         WHERE resolved_at <= p_as_of AND resolution_carried_from IS NULL
+         ORDER BY code, payout_id, settlement_id, resolved_at, id
     ), run AS (
-        INSERT INTO reconciliation_runs (as_of, window_days, counts, totals, created_by)
-        SELECT p_as_of, p_window_days, counted.counts, summed.totals, p_created_by
+        INSERT INTO reconciliation_runs (as_of, since, window_days, counts, totals, created_by)
+        SELECT p_as_of, p_since, p_window_days, counted.counts, summed.totals, p_created_by
           FROM counted, summed
         RETURNING id
     ), written AS (
         INSERT INTO reconciliation_exceptions (run_id, code, payout_id, settlement_id, currency,
-                                               expected_amount, settled_amount, difference, details)
+                                               expected_amount, settled_amount, difference, details,
+                                               resolved_at, resolved_by, resolution_note,
+                                               resolution_carried_from)
         SELECT run.id, c.code, c.payout_id, c.settlement_id, c.currency, c.expected_amount,
-               c.settled_amount, c.difference, c.details
-          FROM classified c, run
+               c.settled_amount, c.difference, c.details,
+               earlier.resolved_at, earlier.resolved_by, earlier.resolution_note, earlier.id
+          FROM classified c CROSS JOIN run
+          -- The coalesce equality gives the planner a hash key (IS NOT DISTINCT
+          -- FROM has none); exceptions without a settlement name a payout.
+          LEFT JOIN resolutions earlier
+                 ON earlier.code = c.code
+                AND coalesce(earlier.settlement_id, earlier.payout_id)
+                    = coalesce(c.settlement_id, c.payout_id)
+                AND earlier.payout_id IS NOT DISTINCT FROM c.payout_id
+                AND earlier.settlement_id IS NOT DISTINCT FROM c.settlement_id
          WHERE c.code NOT IN ('matched', 'pending')
     )
-    SELECT id INTO created_run FROM run;
-    RETURN created_run;
+    SELECT 'created', id INTO outcome, run_id FROM run;
 END $$;
 
 CREATE FUNCTION payflow_reconciliation_run_json(r reconciliation_runs) RETURNS jsonb
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT jsonb_build_object(
         'id', r.id, 'object', 'reconciliation', 'as_of', payflow_timestamp_json(r.as_of),
-        'window_days', r.window_days,
+        'since', payflow_timestamp_json(r.since), 'window_days', r.window_days,
         'status', CASE WHEN count(e.id) FILTER (WHERE e.resolved_at IS NULL) = 0 THEN 'reconciled'
                        ELSE 'exceptions_open' END,
         'counts', r.counts, 'totals', r.totals,
         'exceptions_total', count(e.id),
         'exceptions_open', count(e.id) FILTER (WHERE e.resolved_at IS NULL),
+        'exceptions_resolved_earlier', count(e.id) FILTER (WHERE e.resolution_carried_from IS NOT NULL),
         'created_by', r.created_by, 'created_at', payflow_timestamp_json(r.created_at))
       FROM (SELECT 1) one LEFT JOIN reconciliation_exceptions e ON e.run_id = r.id
 $$;
@@ -293,7 +337,7 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
         'succeeded_at', payflow_timestamp_json(p.succeeded_at),
         'settled_at', payflow_timestamp_json(s.settled_at), 'details', e.details,
         'resolved_at', payflow_timestamp_json(e.resolved_at), 'resolved_by', e.resolved_by,
-        'resolution_note', e.resolution_note)
+        'resolution_note', e.resolution_note, 'resolution_carried_from', e.resolution_carried_from)
       FROM (SELECT 1) one
       LEFT JOIN settlements s ON s.id = e.settlement_id
       LEFT JOIN payouts p ON p.id = e.payout_id

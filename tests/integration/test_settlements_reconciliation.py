@@ -518,6 +518,83 @@ def test_resolution_needs_a_note_and_a_known_exception(client, database_url, wit
     assert resolve(client, run["id"], fee_id, note="x" * 1000).status_code == 200
 
 
+def test_a_resolved_exception_stays_resolved_in_later_runs(client, db):
+    """A later run that finds the same exception (code, payout, settlement)
+    records it resolved, with the operator's resolution and a link to it."""
+    payouts = create_succeeded_payouts(db, 2)
+    backdate(db, payouts, [timedelta(days=10)] * 2)
+    first = reconcile(client)
+    by_payout = {e["payout_id"]: e for e in first["exceptions"]["data"]}
+    original = by_payout[str(payouts[0]["id"])]
+    resolved = resolve(client, first["id"], original["id"]).get_json()
+    between = db.execute("SELECT clock_timestamp() AS at").fetchone()["at"]
+
+    second = reconcile(client)
+    assert second["counts"]["missing_settlement"] == 2
+    assert (second["exceptions_total"], second["exceptions_open"]) == (2, 1)
+    assert second["status"] == "exceptions_open" and second["exceptions_resolved_earlier"] == 1
+    carried = next(e for e in second["exceptions"]["data"] if e["payout_id"] == str(payouts[0]["id"]))
+    assert_schema(carried, ReconciliationExceptionSchema)
+    assert carried["id"] != original["id"] and carried["resolution_carried_from"] == original["id"]
+    assert {key: carried[key] for key in ("resolved_at", "resolved_by", "resolution_note")} == {
+        key: resolved[key] for key in ("resolved_at", "resolved_by", "resolution_note")}
+    assert_error(resolve(client, second["id"], carried["id"]), 409, "exception_already_resolved")
+    other = next(e for e in second["exceptions"]["data"] if e["payout_id"] == str(payouts[1]["id"]))
+    assert [e["id"] for e in all_exceptions(client, second["id"], status="open")] == [other["id"]]
+
+    # Resolved in the second run, the other is carried from there: the third run is reconciled.
+    assert resolve(client, second["id"], other["id"]).status_code == 200
+    third = reconcile(client)
+    assert third["status"] == "reconciled" and third["exceptions_resolved_earlier"] == 2
+    carried_from = {e["resolution_carried_from"] for e in third["exceptions"]["data"]}
+    assert carried_from == {original["id"], other["id"]}
+    # Another exception about the same payout is news: a fee line turns missing into amount_mismatch.
+    import_via_api(client, [record("fee", payouts[0], payouts[0]["succeeded_at"], amount=1)])
+    fourth = reconcile(client)
+    assert fourth["exceptions_open"] == 1
+    assert [e["code"] for e in all_exceptions(client, fourth["id"], status="open")] == ["amount_mismatch"]
+    # A run as of a moment before the resolution finds what a run then found: open.
+    past = reconcile(client, as_of=between.isoformat())
+    assert past["exceptions_open"] == 1 and past["exceptions_resolved_earlier"] == 1
+    before = reconcile(client, as_of=(datetime.fromisoformat(resolved["resolved_at"])
+                                      - timedelta(microseconds=1)).isoformat())
+    assert before["exceptions_open"] == 2 and before["exceptions_resolved_earlier"] == 0
+
+
+def test_a_run_since_a_moment_leaves_earlier_history_out(client, db):
+    """Payouts that succeeded before since, and the lines naming them, are out
+    of the run; so are lines dated before since that name no payout of the run."""
+    payouts = create_succeeded_payouts(db, 4)
+    backdate(db, payouts, [timedelta(days=30)] * 2 + [timedelta(days=10)] * 2)
+    old_silent, old_settled_late, recent_silent, recent_early = payouts
+    since = recent_early["succeeded_at"] - timedelta(days=1)
+    stranger = {"payout_reference": "sim_nobody", "amount": 10, "currency": "USD"}
+    import_via_api(client, [
+        record("old-late", old_settled_late, since + timedelta(days=1)),
+        record("recent-early", recent_early, recent_early["succeeded_at"] - timedelta(days=5)),
+        {**stranger, "reference": "stranger-before", "settled_at": (since - timedelta(hours=1)).isoformat()},
+        {**stranger, "reference": "stranger-after", "settled_at": (since + timedelta(hours=1)).isoformat()},
+    ])
+    run = reconcile(client, since=since.isoformat())
+    assert run["since"] == since.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    assert classification(all_exceptions(client, run["id"])) == {
+        ("missing_settlement", str(recent_silent["id"]), None, None),
+        ("early_settlement", str(recent_early["id"]), "recent-early", 0),
+        ("unexpected_settlement", None, "stranger-after", None)}
+    expected = recent_silent["amount"] + recent_early["amount"]
+    assert run["totals"] == [{"currency": "USD", "expected_amount": expected,
+                              "settled_amount": recent_early["amount"] + 10,
+                              "difference": recent_early["amount"] + 10 - expected}]
+    everything = reconcile(client)
+    assert everything["since"] is None and everything["counts"]["missing_settlement"] == 2
+    assert everything["counts"]["late_settlement"] == 1
+    for body in ({"since": (datetime.now(UTC) + timedelta(days=1)).isoformat()},
+                 {"since": since.isoformat(), "as_of": (since - timedelta(seconds=1)).isoformat()}):
+        details = assert_error(client.post("/v1/reconciliations", headers=JSON, json=body), 422,
+                               "validation_error")["error"]["details"]
+        assert details == {"since": ["Must not be after as_of."]}
+
+
 # -- the data set: 10,000 payouts, injected faults ---------------------------------------
 
 PAYOUTS = 10_000
@@ -666,7 +743,7 @@ def _check_fault_set(db, url, servers, situations, strangers, window_days, rng) 
     config = make_config(url, servers["redis"])
     if records:
         settlements.import_batch(db, settlements.load_batch({"records": records}), None)
-    run_id = reconciliation.run(db, config, None, window_days, None)
+    run_id = reconciliation.run(db, config, as_of=None, since=None, window_days=window_days, created_by=None)
     found = db.execute(
         "SELECT e.code, e.payout_id::text, s.reference, e.difference FROM reconciliation_exceptions e"
         " LEFT JOIN settlements s ON s.id = e.settlement_id WHERE e.run_id = %s", (run_id,)).fetchall()
