@@ -311,7 +311,8 @@ RESOLUTION_NOTE_CHARS_MAX = 1000
 EXCEPTIONS_PAGE_SIZE_DEFAULT = 100
 EXCEPTIONS_PAGE_SIZE_MAX = 1000
 EXCEPTION_CODES = ("amount_mismatch", "currency_mismatch", "late_settlement", "early_settlement",
-                   "missing_settlement", "unexpected_settlement", "duplicate_settlement")
+                   "missing_settlement", "unexpected_settlement", "duplicate_settlement",
+                   "ambiguous_reference")
 _VALUE_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
@@ -332,19 +333,27 @@ class SettledAt(fields.AwareDateTime):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
+def _not_padded(text: str) -> None:
+    if text != text.strip():
+        raise ValidationError("Must not start or end with whitespace.")
+
+
 class SettlementRecordSchema(Schema):
-    reference = Text(required=True, validate=validate.Length(min=1, max=SETTLEMENT_REFERENCE_CHARS_MAX),
-                     metadata={"description": "The file's own reference for this line, unique per source"})
-    payout_reference = Text(required=True,
-                            validate=validate.Length(min=1, max=SETTLEMENT_REFERENCE_CHARS_MAX),
-                            metadata={"description": "The payout's provider_reference, or its id"})
+    reference = Text(required=True, validate=[
+        validate.Length(min=1, max=SETTLEMENT_REFERENCE_CHARS_MAX), _not_padded],
+        metadata={"description": "The file's own reference for this line, unique per source"})
+    payout_reference = Text(required=True, validate=[
+        validate.Length(min=1, max=SETTLEMENT_REFERENCE_CHARS_MAX), _not_padded],
+        metadata={"description": "The payout's provider_reference, or its id (matched ignoring "
+                                 "case and surrounding whitespace)"})
     amount = amount_field(required=True)
     currency = currency_field(required=True)
     settled_at = SettledAt(required=True)
 
 
 class SettlementBatchSchema(Schema):
-    source = Text(load_default="bank", validate=validate.Length(min=1, max=SETTLEMENT_SOURCE_CHARS_MAX),
+    source = Text(load_default="bank",
+                  validate=[validate.Length(min=1, max=SETTLEMENT_SOURCE_CHARS_MAX), _not_padded],
                   metadata={"description": "Who sent the file; references are unique per source"})
     records = fields.List(fields.Nested(SettlementRecordSchema), required=True,
                           validate=validate.Length(min=1, max=SETTLEMENT_RECORDS_PER_BATCH_MAX))

@@ -19,6 +19,14 @@ CREATE TRIGGER payouts_set_succeeded_at BEFORE INSERT OR UPDATE OF status ON pay
     FOR EACH ROW WHEN (NEW.status = 'succeeded' AND NEW.succeeded_at IS NULL)
     EXECUTE FUNCTION payflow_payout_set_succeeded_at();
 
+-- How a settlement line's payout_reference is compared with a payout's
+-- provider_reference or id: banks upper-case references and pad them, and a
+-- provider's may carry stray spaces. Both sides go through this one function.
+CREATE FUNCTION payflow_reference_key(reference text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT lower(btrim(reference, E' \t\n\r\f\x0B'))
+$$;
+
 -- One line of a settlement file. (source, reference) is the file's own
 -- reference for the line: importing the same file again inserts nothing.
 -- payout_reference names our payout: its provider_reference, or its id.
@@ -128,7 +136,8 @@ CREATE TABLE reconciliation_exceptions (
     run_id          uuid NOT NULL REFERENCES reconciliation_runs (id),
     code            text NOT NULL CHECK (code IN (
                         'amount_mismatch', 'currency_mismatch', 'late_settlement', 'early_settlement',
-                        'missing_settlement', 'unexpected_settlement', 'duplicate_settlement')),
+                        'missing_settlement', 'unexpected_settlement', 'duplicate_settlement',
+                        'ambiguous_reference')),
     payout_id       uuid REFERENCES payouts (id),
     settlement_id   uuid REFERENCES settlements (id),
     currency        text NOT NULL CHECK (currency ~ '^[A-Z]{3}$'),
@@ -176,7 +185,9 @@ CREATE TRIGGER reconciliation_exceptions_no_truncate BEFORE TRUNCATE ON reconcil
 
 -- A run, in one statement (one snapshot: an import committing meanwhile is
 -- either wholly in or wholly out). Each record names a payout by its provider
--- reference, else by its id. Per payout, the record that fits best (currency,
+-- reference, else by its id, both compared through payflow_reference_key; a
+-- reference that names several payouts is ambiguous and settles none of them.
+-- Per payout, the record that fits best (currency,
 -- amount, within the window), then the earliest, settles it; any other record
 -- naming it is a duplicate. A record naming no payout that had succeeded by
 -- as_of is unexpected. A payout with no record is missing once its window
@@ -203,26 +214,36 @@ BEGIN
     ), reported AS (
         SELECT * FROM settlements WHERE imported_at <= p_as_of
     ), named AS (
-        SELECT DISTINCT ON (settlement_id) settlement_id, payout_id, payout_status, payout_succeeded_at
-          FROM (SELECT r.id AS settlement_id, p.id AS payout_id, p.status AS payout_status,
-                       p.succeeded_at AS payout_succeeded_at, 1 AS preference, p.created_at
-                  FROM reported r JOIN payouts p ON p.provider_reference = r.payout_reference
-                UNION ALL
-                SELECT r.id, p.id, p.status, p.succeeded_at, 2, p.created_at
-                  FROM reported r JOIN payouts p ON p.id::text = lower(r.payout_reference)) candidates
-         ORDER BY settlement_id, preference, created_at, payout_id
+        -- The payouts each record names: by provider reference, else by id.
+        SELECT DISTINCT ON (settlement_id) settlement_id, payout_ids
+          FROM (SELECT settlement_id, preference, array_agg(payout_id ORDER BY payout_id) AS payout_ids
+                  FROM (SELECT r.id AS settlement_id, p.id AS payout_id, 1 AS preference
+                          FROM reported r
+                          JOIN payouts p ON payflow_reference_key(p.provider_reference)
+                                            = payflow_reference_key(r.payout_reference)
+                        UNION ALL
+                        SELECT r.id, p.id, 2
+                          FROM reported r
+                          JOIN payouts p ON p.id::text = payflow_reference_key(r.payout_reference)) candidates
+                 GROUP BY settlement_id, preference) per_preference
+         ORDER BY settlement_id, preference
     ), records AS (
         SELECT r.id AS settlement_id, r.source, r.reference, r.amount, r.currency, r.settled_at,
-               n.payout_id AS named_payout_id, n.payout_status, d.id AS payout_id,
-               d.amount AS expected_amount, d.currency AS expected_currency,
+               CASE WHEN cardinality(n.payout_ids) > 1 THEN n.payout_ids END AS ambiguous_payout_ids,
+               p.id AS named_payout_id,
+               -- What the payout was at as_of, as far as payflow records it.
+               CASE WHEN p.succeeded_at > p_as_of THEN 'succeeded_after_as_of' ELSE p.status END
+               AS payout_status,
+               d.id AS payout_id, d.amount AS expected_amount, d.currency AS expected_currency,
                r.settled_at - d.succeeded_at AS lag
           FROM reported r
           LEFT JOIN named n ON n.settlement_id = r.id
-          LEFT JOIN due d ON d.id = n.payout_id
+          LEFT JOIN payouts p ON p.id = n.payout_ids[1] AND cardinality(n.payout_ids) = 1
+          LEFT JOIN due d ON d.id = p.id
          -- Before since: only the records of the run's payouts; never those of
          -- a payout that succeeded before it.
          WHERE p_since IS NULL OR d.id IS NOT NULL
-            OR (r.settled_at >= p_since AND NOT coalesce(n.payout_succeeded_at < p_since, false))
+            OR (r.settled_at >= p_since AND NOT coalesce(p.succeeded_at < p_since, false))
     ), ranked AS (
         SELECT *,
                first_value(settlement_id) OVER by_fit AS first_settlement_id,
@@ -248,9 +269,14 @@ BEGIN
                     ELSE '{}' END AS details
           FROM ranked
         UNION ALL
-        SELECT 'unexpected_settlement', named_payout_id, settlement_id, currency, NULL, amount, NULL,
-               CASE WHEN named_payout_id IS NULL THEN '{}'
-                    ELSE jsonb_build_object('payout_status', payout_status) END
+        SELECT CASE WHEN ambiguous_payout_ids IS NULL THEN 'unexpected_settlement'
+                    ELSE 'ambiguous_reference' END,
+               named_payout_id, settlement_id, currency, NULL, amount, NULL,
+               CASE WHEN ambiguous_payout_ids IS NOT NULL
+                    THEN jsonb_build_object('payout_ids', ambiguous_payout_ids)
+                    WHEN named_payout_id IS NOT NULL
+                    THEN jsonb_build_object('payout_status', payout_status)
+                    ELSE '{}' END
           FROM records
          WHERE payout_id IS NULL
         UNION ALL
@@ -263,7 +289,8 @@ BEGIN
         SELECT jsonb_object_agg(codes.code, coalesce(found.n, 0)) AS counts
           FROM unnest(ARRAY['matched', 'pending', 'amount_mismatch', 'currency_mismatch',
                             'late_settlement', 'early_settlement', 'missing_settlement',
-                            'unexpected_settlement', 'duplicate_settlement']) AS codes (code)
+                            'unexpected_settlement', 'duplicate_settlement',
+                            'ambiguous_reference']) AS codes (code)
           LEFT JOIN (SELECT code, count(*) AS n FROM classified GROUP BY code) found USING (code)
     ), summed AS (
         SELECT coalesce(jsonb_agg(jsonb_build_object(

@@ -364,7 +364,7 @@ def test_every_class_and_the_window(client, db, database_url):
     run = reconcile(client)
     assert run["counts"] == {"matched": 5, "pending": 1, "amount_mismatch": 1, "currency_mismatch": 1,
                              "late_settlement": 1, "early_settlement": 1, "missing_settlement": 2,
-                             "unexpected_settlement": 1, "duplicate_settlement": 2}
+                             "unexpected_settlement": 1, "duplicate_settlement": 2, "ambiguous_reference": 0}
     assert run["status"] == "exceptions_open" and run["exceptions_total"] == run["exceptions_open"] == 9
     found = all_exceptions(client, run["id"])
     for exception in found:
@@ -441,6 +441,68 @@ def test_a_settlement_for_a_payout_that_has_not_succeeded_is_unexpected(client, 
     assert [(e["code"], e["payout_id"], e["details"]) for e in found] == [
         ("unexpected_settlement", pending["id"], {"payout_status": "pending"})]
     assert_ledger_consistent(database_url)
+
+
+def test_references_match_whatever_their_case_and_padding(client, db, database_url, tmp_path):
+    """Banks upper-case references and pad CSV cells; providers' references may
+    carry stray spaces too. Matching compares lower(btrim()) of both sides."""
+    payouts = create_succeeded_payouts(db, 4)
+    backdate(db, payouts, [timedelta(days=10)] * 4)
+    upper, padded, stored_oddly, by_id = payouts
+    db.execute("UPDATE payouts SET provider_reference = ' Sim-Odd-1 ' WHERE id = %s", (stored_oddly["id"],))
+    import_via_api(client, [
+        record("upper", upper, upper["succeeded_at"], payout_reference=upper["provider_reference"].upper()),
+        record("odd", stored_oddly, stored_oddly["succeeded_at"], payout_reference="SIM-ODD-1")])
+    path = tmp_path / "padded.csv"
+    path.write_text("reference,payout_reference,amount,currency,settled_at\n"
+                    f"  padded ,  {padded['provider_reference']}  , {padded['amount']} , USD ,"
+                    f" {padded['succeeded_at'].isoformat()}\n"
+                    f"by-id,\t{str(by_id['id']).upper()}\t,{by_id['amount']},USD,"
+                    f"{by_id['succeeded_at'].isoformat()}\n")
+    imported = CliRunner().invoke(main, ["settlements", "import", str(path)],
+                                  env={"PAYFLOW_DATABASE_URL": database_url})
+    assert imported.exit_code == 0, imported.output
+    references = db.execute("SELECT reference, payout_reference FROM settlements WHERE source = 'bank'"
+                            " ORDER BY reference").fetchall()
+    assert references[2] == {"reference": "padded", "payout_reference": padded["provider_reference"]}
+    run = reconcile(client)
+    assert run["counts"]["matched"] == 4 and run["exceptions_total"] == 0, run["exceptions"]
+
+
+def test_a_reference_shared_by_two_payouts_is_ambiguous(client, db):
+    """The line settles neither: an operator decides which payout it pays."""
+    payouts = create_succeeded_payouts(db, 3)
+    backdate(db, payouts, [timedelta(days=10)] * 3)
+    first, second, alone = payouts
+    db.execute("UPDATE payouts SET provider_reference = r.reference FROM (VALUES (%s::uuid, 'SHARED-1'),"
+               " (%s::uuid, 'shared-1 ')) r(id, reference) WHERE payouts.id = r.id",
+               (first["id"], second["id"]))
+    import_via_api(client, [record("shared", first, first["succeeded_at"], payout_reference="Shared-1"),
+                            record("alone", alone, alone["succeeded_at"])])
+    run = reconcile(client)
+    assert run["counts"]["ambiguous_reference"] == 1 and run["counts"]["matched"] == 1
+    found = all_exceptions(client, run["id"])
+    assert classification(found) == {("ambiguous_reference", None, "shared", None),
+                                     ("missing_settlement", str(first["id"]), None, None),
+                                     ("missing_settlement", str(second["id"]), None, None)}
+    ambiguous = next(e for e in found if e["code"] == "ambiguous_reference")
+    assert_schema(ambiguous, ReconciliationExceptionSchema)
+    assert ambiguous["details"] == {"payout_ids": sorted([str(first["id"]), str(second["id"])])}
+    assert ambiguous["settled_amount"] == first["amount"] and ambiguous["expected_amount"] is None
+
+
+def test_a_historical_run_reports_the_payout_status_of_its_as_of(client, db):
+    """A line for a payout that succeeded only after as_of was unexpected
+    then; the run says so, not that the payout has succeeded (today)."""
+    payouts = create_succeeded_payouts(db, 1)
+    import_via_api(client, [record("early-news", payouts[0], payouts[0]["succeeded_at"])])
+    imported = db.execute("SELECT clock_timestamp() AS at").fetchone()["at"]
+    db.execute("UPDATE payouts SET succeeded_at = clock_timestamp() + interval '1 millisecond'")
+    time.sleep(0.01)
+    then = reconcile(client, as_of=imported.isoformat())
+    assert [(e["code"], e["payout_id"], e["details"]) for e in then["exceptions"]["data"]] == [
+        ("unexpected_settlement", str(payouts[0]["id"]), {"payout_status": "succeeded_after_as_of"})]
+    assert reconcile(client)["counts"]["matched"] == 1
 
 
 def test_unknown_runs_and_bad_queries(client):
@@ -668,7 +730,8 @@ def test_ten_thousand_payouts_with_injected_faults(client, db, database_url, tmp
     assert run["counts"] == {
         "matched": PAYOUTS - 4 * faults, "pending": faults, "amount_mismatch": faults,
         "currency_mismatch": 0, "late_settlement": faults, "early_settlement": 0,
-        "missing_settlement": faults, "unexpected_settlement": faults, "duplicate_settlement": faults}
+        "missing_settlement": faults, "unexpected_settlement": faults, "duplicate_settlement": faults,
+        "ambiguous_reference": 0}
     settled = sum(r["amount"] for r in records)
     assert run["totals"] == [{"currency": "USD", "expected_amount": sum(p["amount"] for p in payouts),
                               "settled_amount": settled,

@@ -23,13 +23,35 @@ def test_csv_columns_in_any_order_quoted_cells_and_a_byte_order_mark(tmp_path):
         "settled_at": datetime(2026, 1, 2, tzinfo=UTC)}]}
 
 
-@pytest.mark.parametrize("cell", ["12.50", "1e3", " 5", "5 ", "0x10", "", "１２"])
+@pytest.mark.parametrize("cell", ["12.50", "1e3", "0x10", "", "１２", "1 000"])
 def test_a_csv_amount_is_an_integer_only_when_written_as_one(cell):
     batch = settlements.parse_csv(f"{HEADER}L1,r,{cell},USD,2026-01-02\n")
     assert batch["records"][0]["amount"] == cell
     with pytest.raises(errors.ValidationFailed) as refused:
         settlements.load_batch(batch)
     assert "amount" in refused.value.details["records"][0]
+
+
+def test_csv_cells_and_header_names_are_trimmed():
+    """Padding is the layout of a CSV file, not part of its values."""
+    text = (" reference , payout_reference,amount ,currency,settled_at\n"
+            '  L1 ,\tSIM_A  , 1250 ," USD ", 2026-01-02\n')
+    assert settlements.load_batch(settlements.parse_csv(text))["records"] == [{
+        "reference": "L1", "payout_reference": "SIM_A", "amount": 1250, "currency": "USD",
+        "settled_at": datetime(2026, 1, 2, tzinfo=UTC)}]
+
+
+@pytest.mark.parametrize("field", ["reference", "payout_reference", "source"])
+@pytest.mark.parametrize("value", [" L1", "L1 ", "L1\n", "\u00a0L1"])
+def test_json_references_with_surrounding_whitespace_are_refused(field, value):
+    """JSON strings are sent as meant: payflow does not guess which part counts."""
+    record = {"reference": "L1", "payout_reference": "r", "amount": 1, "currency": "USD",
+              "settled_at": "2026-01-02"}
+    batch = {"source": value, "records": [record]} if field == "source" else {
+        "records": [{**record, field: value}]}
+    with pytest.raises(errors.ValidationFailed) as refused:
+        settlements.load_batch(batch)
+    assert "whitespace" in str(refused.value.details)
 
 
 def test_csv_record_limit():
