@@ -187,9 +187,11 @@ CREATE TRIGGER reconciliation_exceptions_no_truncate BEFORE TRUNCATE ON reconcil
 -- either wholly in or wholly out). Each record names a payout by its provider
 -- reference, else by its id, both compared through payflow_reference_key; a
 -- reference that names several payouts is ambiguous and settles none of them.
--- Per payout, the record that fits best (currency,
--- amount, within the window), then the earliest, settles it; any other record
--- naming it is a duplicate. A record naming no payout that had succeeded by
+-- Per payout, the record that fits best settles it; any other record naming
+-- it is a duplicate. Fit is graded: same currency first, then the exact
+-- amount within the window, then within the window, then the exact amount,
+-- then the nearest to the payout's success; then settled_at, source and
+-- reference make the choice repeatable. A record naming no payout that had succeeded by
 -- as_of is unexpected. A payout with no record is missing once its window
 -- has passed, pending before. With p_since, only the payouts that succeeded at
 -- or after it count, with every record naming them, and the records dated at
@@ -251,8 +253,11 @@ BEGIN
           FROM records
          WHERE payout_id IS NOT NULL
         WINDOW by_fit AS (PARTITION BY payout_id
-                          ORDER BY (currency = expected_currency AND amount = expected_amount
-                                    AND lag BETWEEN -tolerance AND tolerance) DESC,
+                          ORDER BY currency = expected_currency DESC,
+                                   (amount = expected_amount AND lag BETWEEN -tolerance AND tolerance) DESC,
+                                   lag BETWEEN -tolerance AND tolerance DESC,
+                                   amount = expected_amount DESC,
+                                   abs(extract(epoch FROM lag)),
                                    settled_at, source, reference)
     ), classified AS (
         SELECT CASE WHEN rank > 1 THEN 'duplicate_settlement'

@@ -412,6 +412,73 @@ def test_every_class_and_the_window(client, db, database_url):
     assert_ledger_consistent(database_url)
 
 
+def test_the_line_that_fits_best_settles_a_payout(client, db):
+    """Candidates rank by graded fit: same currency, then exact amount within
+    the window, then within the window, then exact amount, then the smallest
+    distance from the payout's success; the others are duplicates."""
+    payouts = create_succeeded_payouts(db, 7)
+    backdate(db, payouts, [timedelta(days=10)] * 7)
+    (currencies, early_exact, fee_twice, late_twice, nearest, sources, by_window) = payouts
+    hour, window = timedelta(hours=1), timedelta(days=WINDOW_DAYS)
+    import_via_api(client, [
+        # Another currency at once, and our currency 25 short an hour later.
+        record("eur", currencies, currencies["succeeded_at"], currency="EUR"),
+        record("usd-fee", currencies, currencies["succeeded_at"] + hour, amount=currencies["amount"] - 25),
+        # The exact amount 4 days early, and a line with a fee on time.
+        record("exact-early", early_exact, early_exact["succeeded_at"] - timedelta(days=4)),
+        record("fee-on-time", early_exact, early_exact["succeeded_at"] + hour,
+               amount=early_exact["amount"] - 25),
+        # Combined faults on one payout: a fee reported twice; a late line reported twice.
+        record("fee-1", fee_twice, fee_twice["succeeded_at"] + hour, amount=fee_twice["amount"] - 25),
+        record("fee-2", fee_twice, fee_twice["succeeded_at"] + 2 * hour, amount=fee_twice["amount"] - 25),
+        record("late-1", late_twice, late_twice["succeeded_at"] + window + hour),
+        record("late-2", late_twice, late_twice["succeeded_at"] + window + 2 * hour),
+        # Both exact and on time: the nearer one settles it, not the earlier.
+        record("two-days-before", nearest, nearest["succeeded_at"] - 2 * timedelta(days=1)),
+        record("an-hour-after", nearest, nearest["succeeded_at"] + hour),
+        # The exact amount late, or 1 short on the window's last instant: within the window ranks first.
+        record("late-exact", by_window, by_window["succeeded_at"] + window + hour),
+        record("in-window-fee", by_window, by_window["succeeded_at"] + window,
+               amount=by_window["amount"] - 1),
+    ])
+    # The same line from two senders: one settles the payout, the other is a duplicate.
+    same = record("X-1", sources, sources["succeeded_at"] + hour)
+    import_via_api(client, [same], source="psp")
+    import_via_api(client, [same], source="bank")
+    run = reconcile(client)
+    found = all_exceptions(client, run["id"])
+    assert classification(found) == {
+        ("amount_mismatch", str(currencies["id"]), "usd-fee", -25),
+        ("duplicate_settlement", str(currencies["id"]), "eur", None),
+        ("amount_mismatch", str(early_exact["id"]), "fee-on-time", -25),
+        ("duplicate_settlement", str(early_exact["id"]), "exact-early", 0),
+        ("amount_mismatch", str(fee_twice["id"]), "fee-1", -25),
+        ("duplicate_settlement", str(fee_twice["id"]), "fee-2", -25),
+        ("late_settlement", str(late_twice["id"]), "late-1", 0),
+        ("duplicate_settlement", str(late_twice["id"]), "late-2", 0),
+        ("duplicate_settlement", str(nearest["id"]), "two-days-before", 0),
+        ("duplicate_settlement", str(sources["id"]), "X-1", 0),
+        ("amount_mismatch", str(by_window["id"]), "in-window-fee", -1),
+        ("duplicate_settlement", str(by_window["id"]), "late-exact", 0),
+    }
+    assert run["counts"]["matched"] == 2
+    cross_source = next(e for e in found if e["payout_id"] == str(sources["id"]))
+    assert cross_source["source"] == "psp"  # same moment: the sources' order decides, "bank" first
+    settled_by_bank = db.execute(
+        "SELECT id::text FROM settlements WHERE source = 'bank' AND reference = 'X-1'").fetchone()["id"]
+    assert cross_source["details"] == {"matched_settlement_id": settled_by_bank}
+
+
+def test_a_payout_exactly_window_days_old_is_pending_then_missing(client, db):
+    payouts = create_succeeded_payouts(db, 1)
+    backdate(db, payouts, [timedelta(days=10)])
+    edge = payouts[0]["succeeded_at"] + timedelta(days=WINDOW_DAYS)
+    at_the_edge = reconcile(client, as_of=edge.isoformat())
+    assert (at_the_edge["counts"]["pending"], at_the_edge["counts"]["missing_settlement"]) == (1, 0)
+    past_it = reconcile(client, as_of=(edge + timedelta(microseconds=1)).isoformat())
+    assert (past_it["counts"]["pending"], past_it["counts"]["missing_settlement"]) == (0, 1)
+
+
 def test_a_run_as_of_a_past_moment_sees_the_lines_imported_by_then(client, db):
     payouts = create_succeeded_payouts(db, 2)
     backdate(db, payouts, [timedelta(days=10)] * 2)
