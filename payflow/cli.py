@@ -94,10 +94,16 @@ def serve() -> None:
 
 
 def _database(environ):
+    """A connection with the API pool's session settings (UTC, timeouts)."""
     import psycopg
     from psycopg.rows import dict_row
 
-    return psycopg.connect(environ["PAYFLOW_DATABASE_URL"], autocommit=True, row_factory=dict_row)
+    from payflow.config import Config
+    from payflow.db import CONNECT_TIMEOUT_SECONDS, connection_options
+
+    return psycopg.connect(environ["PAYFLOW_DATABASE_URL"], autocommit=True, row_factory=dict_row,
+                           options=connection_options(Config.load(environ=environ)),
+                           connect_timeout=CONNECT_TIMEOUT_SECONDS)
 
 
 @main.group()

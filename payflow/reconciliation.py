@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 
 import psycopg
 
@@ -27,18 +27,17 @@ FIRST_ID = uuid.UUID(int=0)
 def run(conn: psycopg.Connection, config: Config, *, as_of: datetime | None, since: datetime | None,
         window_days: int | None, created_by: str | None) -> uuid.UUID:
     """Classifies every payout succeeded and every settlement line imported
-    by as_of (default: now), leaving out the payouts that succeeded before
-    since (default: none); returns the new run's id."""
-    now = datetime.now(UTC)
-    if as_of is not None and as_of > now:
-        # Payouts would be called missing before their window has passed.
-        raise errors.ValidationFailed(details={"as_of": ["Must not be in the future."]})
+    by as_of (default: now on the database's clock, which stamps them),
+    leaving out the payouts that succeeded before since (default: none);
+    returns the new run's id."""
     with conn.transaction():
         conn.execute(queries["reconciliation_statement_timeout"],
                      {"timeout_ms": str(config.reconciliation_statement_timeout_ms)})
         row = conn.execute(queries["reconcile"], {
-            "as_of": as_of or now, "since": since, "created_by": created_by,
+            "as_of": as_of, "since": since, "created_by": created_by,
             "window_days": window_days or config.reconciliation_window_days}).fetchone()
+    if row["outcome"] == "as_of_in_future":
+        raise errors.ValidationFailed(details={"as_of": ["Must not be in the future."]})
     if row["outcome"] == "since_after_as_of":
         raise errors.ValidationFailed(details={"since": ["Must not be after as_of."]})
     return row["run_id"]

@@ -317,17 +317,18 @@ _VALUE_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 class SettledAt(fields.AwareDateTime):
-    """An RFC 3339 moment with its offset, or a bank's value date (YYYY-MM-DD,
-    taken as 00:00 UTC that day)."""
+    """An RFC 3339 moment with its offset (a datetime), or a bank's value
+    date YYYY-MM-DD (a date: the whole day, UTC)."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(format="iso", metadata={
-            "description": "RFC 3339 with an offset, or a value date YYYY-MM-DD (00:00 UTC)"}, **kwargs)
+            "description": "RFC 3339 with an offset, or a value date YYYY-MM-DD (the whole day, UTC)"},
+            **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, str) and _VALUE_DATE.fullmatch(value):
             try:
-                return datetime.combine(date.fromisoformat(value), time(), UTC)
+                return date.fromisoformat(value)
             except ValueError:
                 raise self.make_error("invalid", input=value, obj_type=self.OBJ_TYPE) from None
         return super()._deserialize(value, attr, data, **kwargs)
@@ -349,6 +350,15 @@ class SettlementRecordSchema(Schema):
     amount = amount_field(required=True)
     currency = currency_field(required=True)
     settled_at = SettledAt(required=True)
+
+    @post_load
+    def _value_date(self, data: dict, **kwargs) -> dict:
+        """settled_on: the value date, if one was given (settled_at is then
+        the day's first instant, UTC); else None."""
+        settled = data["settled_at"]
+        if isinstance(settled, datetime):
+            return {**data, "settled_on": None}
+        return {**data, "settled_at": datetime.combine(settled, time(), UTC), "settled_on": settled}
 
 
 class SettlementBatchSchema(Schema):
@@ -432,6 +442,8 @@ class ReconciliationExceptionSchema(Schema):
                                 metadata={"description": "settled_amount - expected_amount (a fee < 0)"})
     succeeded_at = fields.DateTime(required=True, allow_none=True)
     settled_at = fields.DateTime(required=True, allow_none=True)
+    settled_on = fields.Date(required=True, allow_none=True,
+                             metadata={"description": "The line's value date, when it gave no time"})
     details = fields.Dict(required=True)
     resolved_at = fields.DateTime(required=True, allow_none=True)
     resolved_by = fields.UUID(required=True, allow_none=True, metadata={"description": "API key id"})

@@ -103,7 +103,9 @@ def load_batch(raw: object) -> dict:
 def import_batch(conn: psycopg.Connection, batch: dict, imported_by: str | None) -> dict:
     """Imports a validated batch in one transaction; SettlementConflict (and
     nothing imported) when a reference is already there with other content."""
-    records = [{**record, "settled_at": record["settled_at"].isoformat()} for record in batch["records"]]
+    records = [{**record, "settled_at": record["settled_at"].isoformat(),
+                "settled_on": record["settled_on"] and record["settled_on"].isoformat()}
+               for record in batch["records"]]
     with conn.transaction():
         row = conn.execute(queries["import_settlements"], {
             "source": batch["source"], "records": Jsonb(records), "imported_by": imported_by,

@@ -30,6 +30,9 @@ $$;
 -- One line of a settlement file. (source, reference) is the file's own
 -- reference for the line: importing the same file again inserts nothing.
 -- payout_reference names our payout: its provider_reference, or its id.
+-- settled_on: the value date, when the file gave a day and no time; then
+-- settled_at is that day's first instant (UTC) and a run reads the line as
+-- the whole day.
 CREATE TABLE settlements (
     id               uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     source           text NOT NULL CHECK (char_length(source) BETWEEN 1 AND 100),
@@ -38,9 +41,12 @@ CREATE TABLE settlements (
     amount           bigint NOT NULL CHECK (amount > 0),
     currency         text NOT NULL CHECK (currency ~ '^[A-Z]{3}$'),
     settled_at       timestamptz NOT NULL,
+    settled_on       date,
     imported_at      timestamptz NOT NULL DEFAULT now(),
     imported_by      uuid REFERENCES api_keys (id),  -- NULL: the CLI
-    CONSTRAINT settlements_source_reference UNIQUE (source, reference)
+    CONSTRAINT settlements_source_reference UNIQUE (source, reference),
+    CONSTRAINT settlements_value_date
+        CHECK (settled_on IS NULL OR settled_at = settled_on::timestamp AT TIME ZONE 'UTC')
 );
 
 -- What the bank reported is evidence: never edited, never deleted.
@@ -50,10 +56,11 @@ CREATE TRIGGER settlements_no_truncate BEFORE TRUNCATE ON settlements
     FOR EACH STATEMENT EXECUTE FUNCTION payflow_refuse_change();
 
 CREATE FUNCTION payflow_settlement_line_json(
-    payout_reference text, amount bigint, currency text, settled_at timestamptz)
+    payout_reference text, amount bigint, currency text, settled_at timestamptz, settled_on date)
 RETURNS jsonb LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT jsonb_build_object('payout_reference', payout_reference, 'amount', amount,
-                              'currency', currency, 'settled_at', payflow_timestamp_json(settled_at))
+                              'currency', currency, 'settled_at', payflow_timestamp_json(settled_at),
+                              'settled_on', settled_on)
 $$;
 
 -- Imports a batch inside the caller's transaction. A line already present
@@ -69,12 +76,12 @@ CREATE FUNCTION payflow_import_settlements_v1(
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO settlements (source, reference, payout_reference, amount, currency, settled_at,
-                             imported_by)
+                             settled_on, imported_by)
     SELECT p_source, r.reference, r.payout_reference, r.amount, r.currency, r.settled_at,
-           p_imported_by
+           r.settled_on, p_imported_by
       FROM jsonb_to_recordset(p_records)
            AS r(reference text, payout_reference text, amount bigint, currency text,
-                settled_at timestamptz)
+                settled_at timestamptz, settled_on date)
      -- In reference order, so two imports of overlapping files wait on each
      -- other's lines in one order and cannot deadlock.
      ORDER BY r.reference
@@ -83,15 +90,16 @@ BEGIN
 
     WITH compared AS (
         SELECT r.reference,
-               (s.payout_reference, s.amount, s.currency, s.settled_at)
-               IS DISTINCT FROM (r.payout_reference, r.amount, r.currency, r.settled_at) AS differs,
-               payflow_settlement_line_json(s.payout_reference, s.amount, s.currency, s.settled_at)
-               AS stored,
-               payflow_settlement_line_json(r.payout_reference, r.amount, r.currency, r.settled_at)
-               AS received
+               (s.payout_reference, s.amount, s.currency, s.settled_at, s.settled_on)
+               IS DISTINCT FROM (r.payout_reference, r.amount, r.currency, r.settled_at, r.settled_on)
+               AS differs,
+               payflow_settlement_line_json(s.payout_reference, s.amount, s.currency, s.settled_at,
+                                            s.settled_on) AS stored,
+               payflow_settlement_line_json(r.payout_reference, r.amount, r.currency, r.settled_at,
+                                            r.settled_on) AS received
           FROM jsonb_to_recordset(p_records)
                AS r(reference text, payout_reference text, amount bigint, currency text,
-                    settled_at timestamptz)
+                    settled_at timestamptz, settled_on date)
           JOIN settlements s ON s.source = p_source AND s.reference = r.reference)
     SELECT count(*) FILTER (WHERE NOT differs) - inserted,  -- ours match too: not "already"
            count(*) FILTER (WHERE differs),
@@ -197,24 +205,40 @@ CREATE TRIGGER reconciliation_exceptions_no_truncate BEFORE TRUNCATE ON reconcil
 -- or after it count, with every record naming them, and the records dated at
 -- or after it that name no other payout. An exception an operator resolved
 -- by as_of (same code, payout and settlement) is recorded resolved again.
--- outcome: 'created' (run_id) or 'since_after_as_of'.
+-- A line with a value date (settled_on) stands for every instant of that day:
+-- its lag is the distance from the payout's success to the nearest of them.
+-- as_of defaults to this statement's start on the database's clock, the
+-- clock that stamps succeeded_at and imported_at. outcome: 'created'
+-- (run_id), 'as_of_in_future' or 'since_after_as_of'.
 CREATE FUNCTION payflow_reconcile_v1(
     p_as_of timestamptz, p_since timestamptz, p_window_days integer, p_created_by uuid,
     OUT outcome text, OUT run_id uuid)
 LANGUAGE plpgsql AS $$
 DECLARE
-    tolerance constant interval := make_interval(days => p_window_days);
+    -- Hours, not days: in a session whose time zone keeps daylight saving
+    -- time, timestamptz + N days is sometimes 24 N ± 1 hours.
+    tolerance constant interval := make_interval(hours => 24 * p_window_days);
+    run_as_of constant timestamptz := coalesce(p_as_of, statement_timestamp());
 BEGIN
-    IF p_since > p_as_of THEN
+    IF run_as_of > statement_timestamp() THEN
+        -- Payouts would be called missing before their window has passed.
+        outcome := 'as_of_in_future';
+        RETURN;
+    ELSIF p_since > run_as_of THEN
         outcome := 'since_after_as_of';
         RETURN;
     END IF;
     WITH due AS (
         SELECT id, amount, currency, succeeded_at FROM payouts
-         WHERE status = 'succeeded' AND succeeded_at <= p_as_of
+         WHERE status = 'succeeded' AND succeeded_at <= run_as_of
            AND succeeded_at >= coalesce(p_since, '-infinity')
     ), reported AS (
-        SELECT * FROM settlements WHERE imported_at <= p_as_of
+        SELECT *,
+               -- The line's last instant: a value date is the whole day.
+               settled_at + CASE WHEN settled_on IS NULL THEN interval '0'
+                                 ELSE interval '24 hours' - interval '1 microsecond' END AS settled_until
+          FROM settlements
+         WHERE imported_at <= run_as_of
     ), named AS (
         -- The payouts each record names: by provider reference, else by id.
         SELECT DISTINCT ON (settlement_id) settlement_id, payout_ids
@@ -234,10 +258,12 @@ BEGIN
                CASE WHEN cardinality(n.payout_ids) > 1 THEN n.payout_ids END AS ambiguous_payout_ids,
                p.id AS named_payout_id,
                -- What the payout was at as_of, as far as payflow records it.
-               CASE WHEN p.succeeded_at > p_as_of THEN 'succeeded_after_as_of' ELSE p.status END
+               CASE WHEN p.succeeded_at > run_as_of THEN 'succeeded_after_as_of' ELSE p.status END
                AS payout_status,
                d.id AS payout_id, d.amount AS expected_amount, d.currency AS expected_currency,
-               r.settled_at - d.succeeded_at AS lag
+               CASE WHEN r.settled_until < d.succeeded_at THEN r.settled_until - d.succeeded_at
+                    WHEN r.settled_at > d.succeeded_at THEN r.settled_at - d.succeeded_at
+                    ELSE interval '0' END AS lag
           FROM reported r
           LEFT JOIN named n ON n.settlement_id = r.id
           LEFT JOIN payouts p ON p.id = n.payout_ids[1] AND cardinality(n.payout_ids) = 1
@@ -245,7 +271,7 @@ BEGIN
          -- Before since: only the records of the run's payouts; never those of
          -- a payout that succeeded before it.
          WHERE p_since IS NULL OR d.id IS NOT NULL
-            OR (r.settled_at >= p_since AND NOT coalesce(p.succeeded_at < p_since, false))
+            OR (r.settled_until >= p_since AND NOT coalesce(p.succeeded_at < p_since, false))
     ), ranked AS (
         SELECT *,
                first_value(settlement_id) OVER by_fit AS first_settlement_id,
@@ -285,7 +311,7 @@ BEGIN
           FROM records
          WHERE payout_id IS NULL
         UNION ALL
-        SELECT CASE WHEN d.succeeded_at + tolerance < p_as_of THEN 'missing_settlement'
+        SELECT CASE WHEN d.succeeded_at + tolerance < run_as_of THEN 'missing_settlement'
                     ELSE 'pending' END,
                d.id, NULL, d.currency, d.amount, NULL, NULL, '{}'
           FROM due d
@@ -311,11 +337,11 @@ BEGIN
         SELECT DISTINCT ON (code, payout_id, settlement_id)
                id, code, payout_id, settlement_id, resolved_at, resolved_by, resolution_note
           FROM reconciliation_exceptions
-         WHERE resolved_at <= p_as_of AND resolution_carried_from IS NULL
+         WHERE resolved_at <= run_as_of AND resolution_carried_from IS NULL
          ORDER BY code, payout_id, settlement_id, resolved_at, id
     ), run AS (
         INSERT INTO reconciliation_runs (as_of, since, window_days, counts, totals, created_by)
-        SELECT p_as_of, p_since, p_window_days, counted.counts, summed.totals, p_created_by
+        SELECT run_as_of, p_since, p_window_days, counted.counts, summed.totals, p_created_by
           FROM counted, summed
         RETURNING id
     ), written AS (
@@ -367,7 +393,8 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
         'currency', e.currency, 'expected_amount', e.expected_amount,
         'settled_amount', e.settled_amount, 'difference', e.difference,
         'succeeded_at', payflow_timestamp_json(p.succeeded_at),
-        'settled_at', payflow_timestamp_json(s.settled_at), 'details', e.details,
+        'settled_at', payflow_timestamp_json(s.settled_at), 'settled_on', s.settled_on,
+        'details', e.details,
         'resolved_at', payflow_timestamp_json(e.resolved_at), 'resolved_by', e.resolved_by,
         'resolution_note', e.resolution_note, 'resolution_carried_from', e.resolution_carried_from)
       FROM (SELECT 1) one

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg.rows import dict_row
 
-from payflow import reconciliation, settlements
+from payflow import cli, reconciliation, settlements
 from payflow.cli import main
 from payflow.schemas import ReconciliationExceptionSchema, ReconciliationSchema
 from tests.conftest import create_database, drop_database, make_config, new_api_key
@@ -489,6 +489,66 @@ def test_a_run_as_of_a_past_moment_sees_the_lines_imported_by_then(client, db):
     assert (then["counts"]["matched"], then["counts"]["missing_settlement"]) == (1, 1)
     assert [e["payout_id"] for e in then["exceptions"]["data"]] == [str(payouts[1]["id"])]
     assert reconcile(client)["counts"]["matched"] == 2
+
+
+def test_the_default_as_of_is_the_database_clock(client, db, monkeypatch):
+    """The database stamps succeeded_at and imported_at: an app server whose
+    clock lags would otherwise leave out what it just saw succeed."""
+
+    class AnHourBehind(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz) - timedelta(hours=1)
+
+    monkeypatch.setattr(reconciliation, "datetime", AnHourBehind, raising=False)
+    before = db.execute("SELECT clock_timestamp() AS at").fetchone()["at"]
+    run = reconcile(client)
+    after = db.execute("SELECT clock_timestamp() AS at").fetchone()["at"]
+    assert before <= datetime.fromisoformat(run["as_of"]) <= after
+
+
+def test_the_window_is_24_hours_a_day_whatever_the_session_time_zone(db, database_url, config):
+    """Paris moved its clocks forward on 2025-03-30: three calendar days there
+    were 71 hours. The window is 72 hours all the same."""
+    create_succeeded_payouts(db, 1)
+    db.execute("UPDATE payouts SET succeeded_at = '2025-03-28T12:00:00Z'")
+    as_of = datetime(2025, 3, 31, 11, 30, tzinfo=UTC)  # 71.5 hours later
+    with psycopg.connect(database_url, autocommit=True, row_factory=dict_row,
+                         options="-c TimeZone=Europe/Paris") as paris:
+        run_id = reconciliation.run(paris, config, as_of=as_of, since=None, window_days=3, created_by=None)
+        counts = reconciliation.summary(paris, run_id)["counts"]
+    assert (counts["pending"], counts["missing_settlement"]) == (1, 0)
+
+
+def test_the_cli_connects_with_the_options_of_the_api_pool(db, database_url):
+    db.execute(f"ALTER DATABASE {db.info.dbname} SET TimeZone = 'Europe/Paris'")
+    environ = {"PAYFLOW_DATABASE_URL": database_url, "PAYFLOW_STATEMENT_TIMEOUT_MS": "4321"}
+    with cli._database(environ) as conn:
+        assert conn.execute("SHOW TimeZone").fetchone()["TimeZone"] == "UTC"
+        assert conn.execute("SHOW statement_timeout").fetchone()["statement_timeout"] == "4321ms"
+
+
+def test_a_value_date_is_the_whole_day(client, db):
+    """A line dated D (no time) is within the window if any instant of D (UTC)
+    is: read as 00:00, an on-time local value date looked early."""
+    payouts = create_succeeded_payouts(db, 4)
+    db.execute("UPDATE payouts SET succeeded_at = '2026-01-05T10:00:00Z'")
+    too_early, early_day, late_day, too_late = payouts
+    import_via_api(client, [record("too-early", too_early, "2026-01-01"),
+                            record("early-day", early_day, "2026-01-02"),  # its end: 2 days 10 hours before
+                            record("late-day", late_day, "2026-01-08"),  # its start: 2 days 14 hours after
+                            record("too-late", too_late, "2026-01-09")])
+    run = reconcile(client)
+    found = all_exceptions(client, run["id"])
+    assert classification(found) == {("early_settlement", str(too_early["id"]), "too-early", 0),
+                                     ("late_settlement", str(too_late["id"]), "too-late", 0)}
+    assert run["counts"]["matched"] == 2
+    # Kept as given: the day, and its first instant (UTC) to sort and filter by.
+    assert {(e["settled_on"], e["settled_at"]) for e in found} == {
+        ("2026-01-01", "2026-01-01T00:00:00.000000Z"), ("2026-01-09", "2026-01-09T00:00:00.000000Z")}
+    # The day and the instant that starts it are different lines.
+    same_instant = record("early-day", early_day, "2026-01-02T00:00:00Z")
+    assert_error(import_via_api(client, [same_instant]), 409, "settlement_conflict")
 
 
 def test_a_settlement_for_a_payout_that_has_not_succeeded_is_unexpected(client, db, database_url):

@@ -4,7 +4,7 @@ schema's limits, value dates, and the exceptions cursor."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
 
@@ -20,7 +20,7 @@ def test_csv_columns_in_any_order_quoted_cells_and_a_byte_order_mark(tmp_path):
     batch = settlements.load_batch(settlements.read_file(path, None, "bank-x"))
     assert batch == {"source": "bank-x", "records": [{
         "reference": "L1", "payout_reference": "sim_a,b", "amount": 1250, "currency": "USD",
-        "settled_at": datetime(2026, 1, 2, tzinfo=UTC)}]}
+        "settled_at": datetime(2026, 1, 2, tzinfo=UTC), "settled_on": date(2026, 1, 2)}]}
 
 
 @pytest.mark.parametrize("cell", ["12.50", "1e3", "0x10", "", "１２", "1 000"])
@@ -38,7 +38,7 @@ def test_csv_cells_and_header_names_are_trimmed():
             '  L1 ,\tSIM_A  , 1250 ," USD ", 2026-01-02\n')
     assert settlements.load_batch(settlements.parse_csv(text))["records"] == [{
         "reference": "L1", "payout_reference": "SIM_A", "amount": 1250, "currency": "USD",
-        "settled_at": datetime(2026, 1, 2, tzinfo=UTC)}]
+        "settled_at": datetime(2026, 1, 2, tzinfo=UTC), "settled_on": date(2026, 1, 2)}]
 
 
 @pytest.mark.parametrize("field", ["reference", "payout_reference", "source"])
@@ -85,15 +85,16 @@ def test_json_files_hold_the_api_body_or_a_list():
         settlements.parse_json('"records"')
 
 
-@pytest.mark.parametrize("value, expected", [
-    ("2026-03-04", datetime(2026, 3, 4, tzinfo=UTC)),
-    ("2026-03-04T05:06:07Z", datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)),
-    ("2026-03-04T05:06:07-02:00", datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone(timedelta(hours=-2)))),
+@pytest.mark.parametrize("value, settled_at, settled_on", [
+    ("2026-03-04", datetime(2026, 3, 4, tzinfo=UTC), date(2026, 3, 4)),
+    ("2026-03-04T05:06:07Z", datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC), None),
+    ("2026-03-04T05:06:07-02:00", datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone(timedelta(hours=-2))), None),
 ])
-def test_settled_at_is_a_moment_with_its_offset_or_a_value_date(value, expected):
+def test_settled_at_is_a_moment_with_its_offset_or_a_value_date(value, settled_at, settled_on):
+    """A value date is kept as the day (settled_on) and its first instant, UTC."""
     loaded = schemas.load(schemas.SettlementRecordSchema(), {
         "reference": "L1", "payout_reference": "r", "amount": 1, "currency": "USD", "settled_at": value})
-    assert loaded["settled_at"] == expected
+    assert (loaded["settled_at"], loaded["settled_on"]) == (settled_at, settled_on)
 
 
 def test_exception_cursors_round_trip_and_refuse_forgeries():
