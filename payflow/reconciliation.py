@@ -17,6 +17,7 @@ import psycopg
 
 from payflow import errors
 from payflow.config import Config
+from payflow.db import run_with_retries
 from payflow.queries import queries
 from payflow.schemas import EXCEPTION_CODES
 
@@ -29,13 +30,17 @@ def run(conn: psycopg.Connection, config: Config, *, as_of: datetime | None, sin
     """Classifies every payout succeeded and every settlement line imported
     by as_of (default: now on the database's clock, which stamps them),
     leaving out the payouts that succeeded before since (default: none);
-    returns the new run's id."""
-    with conn.transaction():
-        conn.execute(queries["reconciliation_statement_timeout"],
-                     {"timeout_ms": str(config.reconciliation_statement_timeout_ms)})
-        row = conn.execute(queries["reconcile"], {
-            "as_of": as_of, "since": since, "created_by": created_by,
-            "window_days": window_days or config.reconciliation_window_days}).fetchone()
+    returns the new run's id. Retried after a deadlock."""
+
+    def transaction() -> dict:
+        with conn.transaction():
+            conn.execute(queries["reconciliation_statement_timeout"],
+                         {"timeout_ms": str(config.reconciliation_statement_timeout_ms)})
+            return conn.execute(queries["reconcile"], {
+                "as_of": as_of, "since": since, "created_by": created_by,
+                "window_days": window_days or config.reconciliation_window_days}).fetchone()
+
+    row = run_with_retries(config, transaction)
     if row["outcome"] == "as_of_in_future":
         raise errors.ValidationFailed(details={"as_of": ["Must not be in the future."]})
     if row["outcome"] == "since_after_as_of":
@@ -64,14 +69,17 @@ def report(conn: psycopg.Connection, run_id: uuid.UUID | None, query: dict) -> d
         "next_cursor": encode_cursor(page[-1]["code"], page[-1]["id"]) if more else None}}
 
 
-def resolve(conn: psycopg.Connection, run_id: uuid.UUID | None, exception_id: uuid.UUID | None,
-            note: str, resolved_by: str) -> dict:
-    """Resolves an open exception once, recording who, when and why."""
+def resolve(conn: psycopg.Connection, config: Config, run_id: uuid.UUID | None,
+            exception_id: uuid.UUID | None, note: str, resolved_by: str) -> dict:
+    """Resolves an open exception once, recording who, when and why (retried
+    after a deadlock)."""
     summary(conn, run_id)  # an unknown run is named as such
-    row = conn.execute(queries["resolve_reconciliation_exception"], {
+    if exception_id is None:
+        raise errors.ReconciliationExceptionNotFound()
+    row = run_with_retries(config, lambda: conn.execute(queries["resolve_reconciliation_exception"], {
         "run_id": run_id, "exception_id": exception_id, "note": note,
-        "resolved_by": resolved_by}).fetchone() if exception_id else None
-    if row is None or row["outcome"] == "not_found":
+        "resolved_by": resolved_by}).fetchone())
+    if row["outcome"] == "not_found":
         raise errors.ReconciliationExceptionNotFound()
     if row["outcome"] == "already_resolved":
         body = row["body"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
@@ -314,24 +314,55 @@ EXCEPTION_CODES = ("amount_mismatch", "currency_mismatch", "late_settlement", "e
                    "missing_settlement", "unexpected_settlement", "duplicate_settlement",
                    "ambiguous_reference")
 _VALUE_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+# Moments of settlements and runs: payflow's own era, and what PostgreSQL and
+# Python both read the same way (Python accepts offsets with seconds, and
+# years PostgreSQL words its own errors about).
+MOMENT_YEAR_MIN, MOMENT_YEAR_MAX = 1970, 9999
+# Real offsets run from -12:00 to +14:00; PostgreSQL refuses past 15:59.
+MOMENT_OFFSET_MAX = timedelta(hours=14)
+_MOMENT_RANGE = f"Must be from {MOMENT_YEAR_MIN} to {MOMENT_YEAR_MAX} (UTC)."
 
 
-class SettledAt(fields.AwareDateTime):
-    """An RFC 3339 moment with its offset (a datetime), or a bank's value
-    date YYYY-MM-DD (a date: the whole day, UTC)."""
+class Moment(fields.AwareDateTime):
+    """An RFC 3339 moment with its offset, in whole minutes and at most
+    14 hours, from 1970 to 9999 in UTC."""
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(format="iso", metadata={
+        super().__init__(format="iso", **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        moment = super()._deserialize(value, attr, data, **kwargs)
+        offset = moment.utcoffset()
+        if offset % timedelta(minutes=1) or abs(offset) > MOMENT_OFFSET_MAX:
+            raise ValidationError("The offset must be whole minutes, from -14:00 to +14:00.")
+        try:
+            year = moment.astimezone(UTC).year
+        except OverflowError:  # past year 9999, or before year 1, in UTC
+            raise ValidationError(_MOMENT_RANGE) from None
+        if not MOMENT_YEAR_MIN <= year <= MOMENT_YEAR_MAX:
+            raise ValidationError(_MOMENT_RANGE)
+        return moment
+
+
+class SettledAt(Moment):
+    """A Moment (a datetime), or a bank's value date YYYY-MM-DD (a date: the
+    whole day, UTC)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(metadata={
             "description": "RFC 3339 with an offset, or a value date YYYY-MM-DD (the whole day, UTC)"},
             **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
-        if isinstance(value, str) and _VALUE_DATE.fullmatch(value):
-            try:
-                return date.fromisoformat(value)
-            except ValueError:
-                raise self.make_error("invalid", input=value, obj_type=self.OBJ_TYPE) from None
-        return super()._deserialize(value, attr, data, **kwargs)
+        if not (isinstance(value, str) and _VALUE_DATE.fullmatch(value)):
+            return super()._deserialize(value, attr, data, **kwargs)
+        try:
+            day = date.fromisoformat(value)
+        except ValueError:
+            raise self.make_error("invalid", input=value, obj_type=self.OBJ_TYPE) from None
+        if not MOMENT_YEAR_MIN <= day.year <= MOMENT_YEAR_MAX:
+            raise ValidationError(_MOMENT_RANGE)
+        return day
 
 
 def _not_padded(text: str) -> None:
@@ -400,9 +431,9 @@ class ReconciliationCreateSchema(Schema):
     window_days = StrictInteger(load_default=None, validate=validate.Range(
         min=1, max=RECONCILIATION_WINDOW_DAYS_MAX), metadata={
         "description": "Default: PAYFLOW_RECONCILIATION_WINDOW_DAYS (3)"})
-    as_of = fields.AwareDateTime(load_default=None, format="iso", metadata={
-        "description": "RFC 3339, not in the future; default: now"})
-    since = fields.AwareDateTime(load_default=None, format="iso", metadata={
+    as_of = Moment(load_default=None, metadata={
+        "description": "RFC 3339, not in the future; default: now (the database's clock)"})
+    since = Moment(load_default=None, metadata={
         "description": "RFC 3339, not after as_of: leaves out the payouts that succeeded before it "
                        "(and their lines) and other lines dated before it; default: none"})
 

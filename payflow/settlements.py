@@ -18,6 +18,8 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from payflow import errors, schemas
+from payflow.config import Config
+from payflow.db import run_with_retries
 from payflow.queries import queries
 
 SETTLEMENT_FILE_BYTES_MAX = 16 * 1024 * 1024
@@ -100,19 +102,25 @@ def load_batch(raw: object) -> dict:
     return schemas.load(schemas.SettlementBatchSchema(), raw)
 
 
-def import_batch(conn: psycopg.Connection, batch: dict, imported_by: str | None) -> dict:
-    """Imports a validated batch in one transaction; SettlementConflict (and
-    nothing imported) when a reference is already there with other content."""
+def import_batch(conn: psycopg.Connection, config: Config, batch: dict, imported_by: str | None) -> dict:
+    """Imports a validated batch in one transaction (retried after a deadlock);
+    SettlementConflict (and nothing imported) when a reference is already there
+    with other content."""
     records = [{**record, "settled_at": record["settled_at"].isoformat(),
                 "settled_on": record["settled_on"] and record["settled_on"].isoformat()}
                for record in batch["records"]]
-    with conn.transaction():
-        row = conn.execute(queries["import_settlements"], {
-            "source": batch["source"], "records": Jsonb(records), "imported_by": imported_by,
-            "conflicts_shown_max": CONFLICTS_SHOWN_MAX}).fetchone()
-        if row["conflict_count"]:
-            # Raised inside the transaction: it rolls back, the batch leaves nothing.
-            raise errors.SettlementConflict(details={
-                "conflict_count": row["conflict_count"], "conflicts": row["conflicts"]})
+
+    def transaction() -> dict:
+        with conn.transaction():
+            row = conn.execute(queries["import_settlements"], {
+                "source": batch["source"], "records": Jsonb(records), "imported_by": imported_by,
+                "conflicts_shown_max": CONFLICTS_SHOWN_MAX}).fetchone()
+            if row["conflict_count"]:
+                # Raised inside the transaction: it rolls back, the batch leaves nothing.
+                raise errors.SettlementConflict(details={
+                    "conflict_count": row["conflict_count"], "conflicts": row["conflicts"]})
+        return row
+
+    row = run_with_retries(config, transaction)
     return {"object": "settlement_import", "source": batch["source"], "records": len(records),
             "inserted": row["inserted"], "already_present": row["already_present"]}

@@ -67,6 +67,7 @@ def get_reconciliation(run_id: str) -> Response:
 def resolve_exception(body, idempotent_request, run_id: str, exception_id: str) -> Response:
     """Once: who (this API key), when and the note are recorded for good."""
     with wrap_errors(), services().pool.connection() as conn:
-        resolved = reconciliation.resolve(conn, parse_uuid(run_id), parse_uuid(exception_id),
-                                          body["note"], resolved_by=caller().key_id)
+        resolved = reconciliation.resolve(conn, services().config, parse_uuid(run_id),
+                                          parse_uuid(exception_id), body["note"],
+                                          resolved_by=caller().key_id)
     return json_text_response(json.dumps(resolved))

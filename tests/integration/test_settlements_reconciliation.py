@@ -214,6 +214,31 @@ def test_a_bad_record_is_refused_whole_and_nothing_is_stored(client, db, change)
     assert db.execute("SELECT count(*) AS n FROM settlements").fetchone()["n"] == 0
 
 
+OUT_OF_RANGE_MOMENTS = {
+    "offset with seconds": "2026-01-02T10:00:00+00:00:30.5",
+    "offset past 15:59": "2026-01-02T10:00:00+16:00",
+    "before 1970": "1969-12-31T23:59:59Z",
+    "year 1": "0001-01-01T00:00:00Z",
+    "past 9999 in UTC": "9999-12-31T23:00:00-05:00",
+    "value date before 1970": "1969-12-31",
+}
+
+
+@pytest.mark.parametrize("moment", OUT_OF_RANGE_MOMENTS.values(), ids=OUT_OF_RANGE_MOMENTS.keys())
+def test_moments_postgresql_would_refuse_or_misread_are_a_clean_422(client, db, moment):
+    """Refused by validation, per field, before PostgreSQL sees (and words) them."""
+    line = {"reference": "line-1", "payout_reference": "ref-1", "amount": 100, "currency": "USD",
+            "settled_at": moment}
+    details = assert_error(import_via_api(client, [line]), 422, "validation_error")["error"]["details"]
+    assert list(details) == ["records"] and list(details["records"]["0"]) == ["settled_at"]
+    for name in ("as_of", "since"):
+        if "T" in moment:
+            response = client.post("/v1/reconciliations", headers=JSON, json={name: moment})
+            assert list(assert_error(response, 422, "validation_error")["error"]["details"]) == [name]
+    assert settlement_count(db) == {"settlements": 0}
+    assert db.execute("SELECT count(*) AS n FROM reconciliation_runs").fetchone()["n"] == 0
+
+
 def test_batch_limits_and_shapes(client, db):
     line = {"reference": "line-1", "payout_reference": "ref-1", "amount": 100, "currency": "USD",
             "settled_at": "2026-01-02T10:00:00+02:00"}
@@ -311,11 +336,11 @@ def test_cli_refuses_unknown_formats_and_oversized_files(database_url, tmp_path,
     assert result.exit_code == 1 and "split it" in result.stderr
 
 
-def test_cli_reconcile_prints_the_run(db, database_url):
+def test_cli_reconcile_prints_the_run(db, database_url, config):
     payouts = create_succeeded_payouts(db, 2)
     backdate(db, payouts, [timedelta(days=10)] * 2)
     with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
-        settlements.import_batch(conn, settlements.load_batch(
+        settlements.import_batch(conn, config, settlements.load_batch(
             {"records": [record("line-1", payouts[0], payouts[0]["succeeded_at"])]}), None)
     runner, environ = CliRunner(), {"PAYFLOW_DATABASE_URL": database_url}
     shown = runner.invoke(main, ["reconcile", "--window-days", "2"], env=environ)
@@ -330,6 +355,58 @@ def test_cli_reconcile_prints_the_run(db, database_url):
     refused = runner.invoke(main, ["reconcile", "--as-of", "2999-01-01T00:00:00Z"], env=environ)
     assert refused.exit_code == 1 and "future" in refused.stderr
     assert runner.invoke(main, ["reconcile", "--window-days", "91"], env=environ).exit_code == 1
+
+
+def test_cli_database_errors_are_a_message_not_a_traceback(db, database_url, tmp_path):
+    path = write_csv(tmp_path / "bank.csv", [{"reference": "line-1", "payout_reference": "ref-1",
+                                              "amount": 100, "currency": "USD", "settled_at": "2026-01-02"}])
+    down = {"PAYFLOW_DATABASE_URL": "postgresql://payflow@127.0.0.1:1/payflow"}
+    for command in (["settlements", "import", str(path)], ["reconcile"]):
+        result = CliRunner().invoke(main, command, env=down)
+        assert isinstance(result.exception, SystemExit), result.exception
+        assert result.exit_code == 1 and result.stdout == ""
+        assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    # A statement cut short by its timeout.
+    slow = {"PAYFLOW_DATABASE_URL": database_url, "PAYFLOW_RECONCILIATION_STATEMENT_TIMEOUT_MS": "1"}
+    create_succeeded_payouts(db, 500)
+    result = CliRunner().invoke(main, ["reconcile"], env=slow)
+    assert result.exit_code == 1 and result.stderr.startswith("error: The database took too long")
+    # A moment PostgreSQL would refuse is refused first, with the field named.
+    refused = CliRunner().invoke(main, ["reconcile", "--as-of", "2026-01-02T10:00:00+00:00:30.5"],
+                                 env={"PAYFLOW_DATABASE_URL": database_url})
+    assert refused.exit_code == 1 and '"as_of"' in refused.stderr
+
+
+def fail_writes(db, table: str, operation: str, times: int) -> None:
+    """The next `times` statements writing to table fail as a deadlock would.
+    The count is a sequence: it is not rolled back with the failed transaction."""
+    db.execute(f"CREATE SEQUENCE injected_{table}")
+    db.execute(f"CREATE FUNCTION injected_{table}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+               f" IF nextval('injected_{table}') <= {times} THEN"
+               f" RAISE EXCEPTION 'injected' USING ERRCODE = 'deadlock_detected'; END IF;"
+               f" RETURN NULL; END $$")
+    db.execute(f"CREATE TRIGGER injected BEFORE {operation} ON {table}"
+               f" FOR EACH STATEMENT EXECUTE FUNCTION injected_{table}()")
+
+
+def test_deadlocks_are_retried_then_a_503_never_a_500(client, db):
+    payouts = create_succeeded_payouts(db, 1)
+    backdate(db, payouts, [timedelta(days=10)])
+    fail_writes(db, "settlements", "INSERT", 1)
+    fail_writes(db, "reconciliation_runs", "INSERT", 1)
+    fail_writes(db, "reconciliation_exceptions", "UPDATE", 1)
+    imported = import_via_api(client, [record("fee", payouts[0], payouts[0]["succeeded_at"], amount=1)])
+    assert imported.status_code == 201, imported.get_json()
+    run = reconcile(client)
+    exception = run["exceptions"]["data"][0]
+    assert resolve(client, run["id"], exception["id"]).status_code == 200
+    assert db.execute("SELECT count(*) AS n FROM reconciliation_runs").fetchone()["n"] == 1
+    # Still failing after the retries: 503 with Retry-After, and nothing written.
+    db.execute("ALTER SEQUENCE injected_reconciliation_runs MINVALUE -100 RESTART WITH -100")
+    response = client.post("/v1/reconciliations", headers=JSON, json={})
+    assert_error(response, 503, "unavailable")
+    assert response.headers["Retry-After"]
+    assert db.execute("SELECT count(*) AS n FROM reconciliation_runs").fetchone()["n"] == 1
 
 
 # -- reconciliation -----------------------------------------------------------------
@@ -932,7 +1009,7 @@ def _check_fault_set(db, url, servers, situations, strangers, window_days, rng) 
     rng.shuffle(records)
     config = make_config(url, servers["redis"])
     if records:
-        settlements.import_batch(db, settlements.load_batch({"records": records}), None)
+        settlements.import_batch(db, config, settlements.load_batch({"records": records}), None)
     run_id = reconciliation.run(db, config, as_of=None, since=None, window_days=window_days, created_by=None)
     found = db.execute(
         "SELECT e.code, e.payout_id::text, s.reference, e.difference FROM reconciliation_exceptions e"
@@ -943,7 +1020,7 @@ def _check_fault_set(db, url, servers, situations, strangers, window_days, rng) 
 
 
 
-def test_concurrent_imports_of_the_same_file_insert_each_line_once(db, database_url):
+def test_concurrent_imports_of_the_same_file_insert_each_line_once(db, database_url, config):
     """Each import waits on lines another has just inserted (ON CONFLICT), then
     counts them as already present: no conflict, no deadlock (lines are
     inserted in reference order whatever the file's), no line twice."""
@@ -955,7 +1032,7 @@ def test_concurrent_imports_of_the_same_file_insert_each_line_once(db, database_
         batch = settlements.load_batch({"records": random.Random(seed).sample(records, len(records))})
         with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
             barrier.wait()
-            results.append(settlements.import_batch(conn, batch, None))
+            results.append(settlements.import_batch(conn, config, batch, None))
 
     threads = [threading.Thread(target=one, args=(seed,)) for seed in range(4)]
     for thread in threads:
