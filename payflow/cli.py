@@ -324,5 +324,5 @@ def reconcile(window_days: int | None, as_of: str | None, since: str | None, as_
     for total in run["totals"]:
         click.echo(f"  {total['currency']}: expected {total['expected_amount']}, settled "
                    f"{total['settled_amount']}, difference {total['difference']}")
-    click.echo(f"{run['exceptions_open']} open exceptions ({run['exceptions_resolved_earlier']} found again "
-               f"were resolved in earlier runs): GET /v1/reconciliations/{run['id']}")
+    click.echo(f"{run['exceptions_open']} open exceptions, {run['exceptions_resolved_earlier']} more "
+               f"resolved in earlier runs: GET /v1/reconciliations/{run['id']}")

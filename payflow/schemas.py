@@ -314,9 +314,9 @@ EXCEPTION_CODES = ("amount_mismatch", "currency_mismatch", "late_settlement", "e
                    "missing_settlement", "unexpected_settlement", "duplicate_settlement",
                    "ambiguous_reference")
 _VALUE_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-# Moments of settlements and runs: payflow's own era, and what PostgreSQL and
-# Python both read the same way (Python accepts offsets with seconds, and
-# years PostgreSQL words its own errors about).
+# Moments of settlements and runs: a year before 1970 is a typo, and past
+# 9999 Python cannot follow; Python reads offsets with seconds that PostgreSQL
+# refuses. Refused here, they are a 422 naming the field, not PostgreSQL's words.
 MOMENT_YEAR_MIN, MOMENT_YEAR_MAX = 1970, 9999
 # Real offsets run from -12:00 to +14:00; PostgreSQL refuses past 15:59.
 MOMENT_OFFSET_MAX = timedelta(hours=14)
