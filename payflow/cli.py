@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -94,10 +96,16 @@ def serve() -> None:
 
 
 def _database(environ):
+    """A connection with the API pool's session settings (UTC, timeouts)."""
     import psycopg
     from psycopg.rows import dict_row
 
-    return psycopg.connect(environ["PAYFLOW_DATABASE_URL"], autocommit=True, row_factory=dict_row)
+    from payflow.config import Config
+    from payflow.db import CONNECT_TIMEOUT_SECONDS, connection_options
+
+    return psycopg.connect(environ["PAYFLOW_DATABASE_URL"], autocommit=True, row_factory=dict_row,
+                           options=connection_options(Config.load(environ=environ)),
+                           connect_timeout=CONNECT_TIMEOUT_SECONDS)
 
 
 @main.group()
@@ -238,11 +246,27 @@ def audit(as_json: bool, rebuild: bool) -> None:
 
 
 def _fail(error) -> None:
-    """A refused command: its message and details on stderr, exit 1."""
+    """A refused command: its message, details and cause on stderr, exit 1."""
     click.echo(f"error: {error.message}", err=True)
     if error.details:
         click.echo(json.dumps(error.details, indent=2, default=str), err=True)
+    if error.__cause__ is not None:
+        click.echo(f"cause: {error.__cause__}", err=True)
     sys.exit(1)
+
+
+@contextlib.contextmanager
+def _failures_reported() -> Iterator[None]:
+    """Refusals and database errors (down, timeouts, refused input) end the
+    command with a message on stderr and exit 1, never a traceback."""
+    from payflow import errors
+    from payflow.db import wrap_errors
+
+    try:
+        with wrap_errors():
+            yield
+    except errors.ApiError as error:
+        _fail(error)
 
 
 @main.group()
@@ -259,15 +283,13 @@ def settlements() -> None:
                    "file's own, else 'bank'.")
 def settlements_import(path: Path, file_format: str | None, source: str | None) -> None:
     """Import a CSV or JSON settlement file; importing it again changes nothing."""
-    from payflow import errors
     from payflow import settlements as settling
+    from payflow.config import Config
 
-    try:
+    with _failures_reported():
         batch = settling.load_batch(settling.read_file(path, file_format, source))
         with runner.server_environment(need_redis=False) as environ, _database(environ) as conn:
-            result = settling.import_batch(conn, batch, imported_by=None)
-    except errors.ApiError as error:
-        _fail(error)
+            result = settling.import_batch(conn, Config.load(environ=environ), batch, imported_by=None)
     click.echo(f"{result['records']} records from {result['source']}: {result['inserted']} inserted, "
                f"{result['already_present']} already present")
 
@@ -277,31 +299,34 @@ def settlements_import(path: Path, file_format: str | None, source: str | None) 
               help="Days a settlement may be from its payout's success "
                    "(default: PAYFLOW_RECONCILIATION_WINDOW_DAYS).")
 @click.option("--as-of", default=None, help="An RFC 3339 moment, not in the future (default: now).")
+@click.option("--since", default=None,
+              help="An RFC 3339 moment: leave out the payouts that succeeded before it (and their "
+                   "lines) and other lines dated before it (default: all history).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
-def reconcile(window_days: int | None, as_of: str | None, as_json: bool) -> None:
+def reconcile(window_days: int | None, as_of: str | None, since: str | None, as_json: bool) -> None:
     """Match settlements to succeeded payouts; print the counts per class and
     the totals. GET /v1/reconciliations/<id> lists the exceptions."""
-    from payflow import errors, reconciliation, schemas
+    from payflow import reconciliation, schemas
     from payflow.config import Config
 
-    given = {name: value for name, value in (("window_days", window_days), ("as_of", as_of))
-             if value is not None}
-    try:
+    given = {name: value for name, value in
+             (("window_days", window_days), ("as_of", as_of), ("since", since)) if value is not None}
+    with _failures_reported():
         parameters = schemas.load(schemas.ReconciliationCreateSchema(), given)
         with runner.server_environment(need_redis=False) as environ, _database(environ) as conn:
-            run_id = reconciliation.run(conn, Config.load(environ=environ), parameters["as_of"],
-                                        parameters["window_days"], created_by=None)
+            run_id = reconciliation.run(conn, Config.load(environ=environ), created_by=None,
+                                        **parameters)
             run = reconciliation.summary(conn, run_id)
-    except errors.ApiError as error:
-        _fail(error)
     if as_json:
         click.echo(json.dumps(run, indent=2))
         return
-    click.echo(f"reconciliation {run['id']} as of {run['as_of']}, window {run['window_days']} days: "
-               f"{run['status']}")
+    since_text = f" since {run['since']}" if run["since"] else ""
+    click.echo(f"reconciliation {run['id']} as of {run['as_of']}{since_text}, window "
+               f"{run['window_days']} days: {run['status']}")
     for code in ("matched", "pending", *schemas.EXCEPTION_CODES):
         click.echo(f"  {code:<22} {run['counts'][code]:>9}")
     for total in run["totals"]:
         click.echo(f"  {total['currency']}: expected {total['expected_amount']}, settled "
                    f"{total['settled_amount']}, difference {total['difference']}")
-    click.echo(f"{run['exceptions_open']} open exceptions: GET /v1/reconciliations/{run['id']}")
+    click.echo(f"{run['exceptions_open']} open exceptions, {run['exceptions_resolved_earlier']} more "
+               f"resolved in earlier runs: GET /v1/reconciliations/{run['id']}")

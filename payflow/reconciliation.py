@@ -11,12 +11,13 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 
 import psycopg
 
 from payflow import errors
 from payflow.config import Config
+from payflow.db import run_with_retries
 from payflow.queries import queries
 from payflow.schemas import EXCEPTION_CODES
 
@@ -24,20 +25,27 @@ CURSOR_PREFIX = "exceptions:"
 FIRST_ID = uuid.UUID(int=0)
 
 
-def run(conn: psycopg.Connection, config: Config, as_of: datetime | None, window_days: int | None,
-        created_by: str | None) -> uuid.UUID:
+def run(conn: psycopg.Connection, config: Config, *, as_of: datetime | None, since: datetime | None,
+        window_days: int | None, created_by: str | None) -> uuid.UUID:
     """Classifies every payout succeeded and every settlement line imported
-    by as_of (default: now); returns the new run's id."""
-    now = datetime.now(UTC)
-    if as_of is not None and as_of > now:
-        # Payouts would be called missing before their window has passed.
+    by as_of (default: now on the database's clock, which stamps them),
+    leaving out the payouts that succeeded before since (default: none);
+    returns the new run's id. Retried after a deadlock."""
+
+    def transaction() -> dict:
+        with conn.transaction():
+            conn.execute(queries["reconciliation_statement_timeout"],
+                         {"timeout_ms": str(config.reconciliation_statement_timeout_ms)})
+            return conn.execute(queries["reconcile"], {
+                "as_of": as_of, "since": since, "created_by": created_by,
+                "window_days": window_days or config.reconciliation_window_days}).fetchone()
+
+    row = run_with_retries(config, transaction)
+    if row["outcome"] == "as_of_in_future":
         raise errors.ValidationFailed(details={"as_of": ["Must not be in the future."]})
-    with conn.transaction():
-        conn.execute(queries["reconciliation_statement_timeout"],
-                     {"timeout_ms": str(config.reconciliation_statement_timeout_ms)})
-        return conn.execute(queries["reconcile"], {
-            "as_of": as_of or now, "created_by": created_by,
-            "window_days": window_days or config.reconciliation_window_days}).fetchone()["id"]
+    if row["outcome"] == "since_after_as_of":
+        raise errors.ValidationFailed(details={"since": ["Must not be after as_of."]})
+    return row["run_id"]
 
 
 def summary(conn: psycopg.Connection, run_id: uuid.UUID | None) -> dict:
@@ -61,14 +69,17 @@ def report(conn: psycopg.Connection, run_id: uuid.UUID | None, query: dict) -> d
         "next_cursor": encode_cursor(page[-1]["code"], page[-1]["id"]) if more else None}}
 
 
-def resolve(conn: psycopg.Connection, run_id: uuid.UUID | None, exception_id: uuid.UUID | None,
-            note: str, resolved_by: str) -> dict:
-    """Resolves an open exception once, recording who, when and why."""
+def resolve(conn: psycopg.Connection, config: Config, run_id: uuid.UUID | None,
+            exception_id: uuid.UUID | None, note: str, resolved_by: str) -> dict:
+    """Resolves an open exception once, recording who, when and why (retried
+    after a deadlock)."""
     summary(conn, run_id)  # an unknown run is named as such
-    row = conn.execute(queries["resolve_reconciliation_exception"], {
+    if exception_id is None:
+        raise errors.ReconciliationExceptionNotFound()
+    row = run_with_retries(config, lambda: conn.execute(queries["resolve_reconciliation_exception"], {
         "run_id": run_id, "exception_id": exception_id, "note": note,
-        "resolved_by": resolved_by}).fetchone() if exception_id else None
-    if row is None or row["outcome"] == "not_found":
+        "resolved_by": resolved_by}).fetchone())
+    if row["outcome"] == "not_found":
         raise errors.ReconciliationExceptionNotFound()
     if row["outcome"] == "already_resolved":
         body = row["body"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
@@ -311,40 +311,90 @@ RESOLUTION_NOTE_CHARS_MAX = 1000
 EXCEPTIONS_PAGE_SIZE_DEFAULT = 100
 EXCEPTIONS_PAGE_SIZE_MAX = 1000
 EXCEPTION_CODES = ("amount_mismatch", "currency_mismatch", "late_settlement", "early_settlement",
-                   "missing_settlement", "unexpected_settlement", "duplicate_settlement")
+                   "missing_settlement", "unexpected_settlement", "duplicate_settlement",
+                   "ambiguous_reference")
 _VALUE_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+# Moments of settlements and runs: a year before 1970 is a typo, and past
+# 9999 Python cannot follow; Python reads offsets with seconds that PostgreSQL
+# refuses. Refused here, they are a 422 naming the field, not PostgreSQL's words.
+MOMENT_YEAR_MIN, MOMENT_YEAR_MAX = 1970, 9999
+# Real offsets run from -12:00 to +14:00; PostgreSQL refuses past 15:59.
+MOMENT_OFFSET_MAX = timedelta(hours=14)
+_MOMENT_RANGE = f"Must be from {MOMENT_YEAR_MIN} to {MOMENT_YEAR_MAX} (UTC)."
 
 
-class SettledAt(fields.AwareDateTime):
-    """An RFC 3339 moment with its offset, or a bank's value date (YYYY-MM-DD,
-    taken as 00:00 UTC that day)."""
+class Moment(fields.AwareDateTime):
+    """An RFC 3339 moment with its offset, in whole minutes and at most
+    14 hours, from 1970 to 9999 in UTC."""
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(format="iso", metadata={
-            "description": "RFC 3339 with an offset, or a value date YYYY-MM-DD (00:00 UTC)"}, **kwargs)
+        super().__init__(format="iso", **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
-        if isinstance(value, str) and _VALUE_DATE.fullmatch(value):
-            try:
-                return datetime.combine(date.fromisoformat(value), time(), UTC)
-            except ValueError:
-                raise self.make_error("invalid", input=value, obj_type=self.OBJ_TYPE) from None
-        return super()._deserialize(value, attr, data, **kwargs)
+        moment = super()._deserialize(value, attr, data, **kwargs)
+        offset = moment.utcoffset()
+        if offset % timedelta(minutes=1) or abs(offset) > MOMENT_OFFSET_MAX:
+            raise ValidationError("The offset must be whole minutes, from -14:00 to +14:00.")
+        try:
+            year = moment.astimezone(UTC).year
+        except OverflowError:  # past year 9999, or before year 1, in UTC
+            raise ValidationError(_MOMENT_RANGE) from None
+        if not MOMENT_YEAR_MIN <= year <= MOMENT_YEAR_MAX:
+            raise ValidationError(_MOMENT_RANGE)
+        return moment
+
+
+class SettledAt(Moment):
+    """A Moment (a datetime), or a bank's value date YYYY-MM-DD (a date: the
+    whole day, UTC)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(metadata={
+            "description": "RFC 3339 with an offset, or a value date YYYY-MM-DD (the whole day, UTC)"},
+            **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not (isinstance(value, str) and _VALUE_DATE.fullmatch(value)):
+            return super()._deserialize(value, attr, data, **kwargs)
+        try:
+            day = date.fromisoformat(value)
+        except ValueError:
+            raise self.make_error("invalid", input=value, obj_type=self.OBJ_TYPE) from None
+        if not MOMENT_YEAR_MIN <= day.year <= MOMENT_YEAR_MAX:
+            raise ValidationError(_MOMENT_RANGE)
+        return day
+
+
+def _not_padded(text: str) -> None:
+    if text != text.strip():
+        raise ValidationError("Must not start or end with whitespace.")
 
 
 class SettlementRecordSchema(Schema):
-    reference = Text(required=True, validate=validate.Length(min=1, max=SETTLEMENT_REFERENCE_CHARS_MAX),
-                     metadata={"description": "The file's own reference for this line, unique per source"})
-    payout_reference = Text(required=True,
-                            validate=validate.Length(min=1, max=SETTLEMENT_REFERENCE_CHARS_MAX),
-                            metadata={"description": "The payout's provider_reference, or its id"})
+    reference = Text(required=True, validate=[
+        validate.Length(min=1, max=SETTLEMENT_REFERENCE_CHARS_MAX), _not_padded],
+        metadata={"description": "The file's own reference for this line, unique per source"})
+    payout_reference = Text(required=True, validate=[
+        validate.Length(min=1, max=SETTLEMENT_REFERENCE_CHARS_MAX), _not_padded],
+        metadata={"description": "The payout's provider_reference, or its id (matched ignoring "
+                                 "case and surrounding whitespace)"})
     amount = amount_field(required=True)
     currency = currency_field(required=True)
     settled_at = SettledAt(required=True)
 
+    @post_load
+    def _value_date(self, data: dict, **kwargs) -> dict:
+        """settled_on: the value date, if one was given (settled_at is then
+        the day's first instant, UTC); else None."""
+        settled = data["settled_at"]
+        if isinstance(settled, datetime):
+            return {**data, "settled_on": None}
+        return {**data, "settled_at": datetime.combine(settled, time(), UTC), "settled_on": settled}
+
 
 class SettlementBatchSchema(Schema):
-    source = Text(load_default="bank", validate=validate.Length(min=1, max=SETTLEMENT_SOURCE_CHARS_MAX),
+    source = Text(load_default="bank",
+                  validate=[validate.Length(min=1, max=SETTLEMENT_SOURCE_CHARS_MAX), _not_padded],
                   metadata={"description": "Who sent the file; references are unique per source"})
     records = fields.List(fields.Nested(SettlementRecordSchema), required=True,
                           validate=validate.Length(min=1, max=SETTLEMENT_RECORDS_PER_BATCH_MAX))
@@ -381,8 +431,11 @@ class ReconciliationCreateSchema(Schema):
     window_days = StrictInteger(load_default=None, validate=validate.Range(
         min=1, max=RECONCILIATION_WINDOW_DAYS_MAX), metadata={
         "description": "Default: PAYFLOW_RECONCILIATION_WINDOW_DAYS (3)"})
-    as_of = fields.AwareDateTime(load_default=None, format="iso", metadata={
-        "description": "RFC 3339, not in the future; default: now"})
+    as_of = Moment(load_default=None, metadata={
+        "description": "RFC 3339, not in the future; default: now (the database's clock)"})
+    since = Moment(load_default=None, metadata={
+        "description": "RFC 3339, not after as_of: leaves out the payouts that succeeded before it "
+                       "(and their lines) and other lines dated before it; default: none"})
 
 
 class ReconciliationQuerySchema(Schema):
@@ -420,10 +473,14 @@ class ReconciliationExceptionSchema(Schema):
                                 metadata={"description": "settled_amount - expected_amount (a fee < 0)"})
     succeeded_at = fields.DateTime(required=True, allow_none=True)
     settled_at = fields.DateTime(required=True, allow_none=True)
+    settled_on = fields.Date(required=True, allow_none=True,
+                             metadata={"description": "The line's value date, when it gave no time"})
     details = fields.Dict(required=True)
     resolved_at = fields.DateTime(required=True, allow_none=True)
     resolved_by = fields.UUID(required=True, allow_none=True, metadata={"description": "API key id"})
     resolution_note = fields.String(required=True, allow_none=True)
+    resolution_carried_from = fields.UUID(required=True, allow_none=True, metadata={
+        "description": "The exception of an earlier run whose resolution this one repeats"})
 
 
 class ReconciliationExceptionsPageSchema(Schema):
@@ -442,12 +499,15 @@ class ReconciliationSchema(Schema):
     id = fields.UUID(required=True)
     object = fields.String(required=True, validate=validate.Equal("reconciliation"))
     as_of = fields.DateTime(required=True)
+    since = fields.DateTime(required=True, allow_none=True)
     window_days = fields.Integer(required=True)
     status = fields.String(required=True, validate=validate.OneOf(["reconciled", "exceptions_open"]))
     counts = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
     totals = fields.List(fields.Nested(ReconciliationTotalSchema), required=True)
     exceptions_total = fields.Integer(required=True)
     exceptions_open = fields.Integer(required=True)
+    exceptions_resolved_earlier = fields.Integer(required=True, metadata={
+        "description": "Exceptions found again that an operator resolved in an earlier run"})
     created_by = fields.UUID(required=True, allow_none=True)
     created_at = fields.DateTime(required=True)
     exceptions = fields.Nested(ReconciliationExceptionsPageSchema, required=True)

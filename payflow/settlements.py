@@ -18,13 +18,15 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from payflow import errors, schemas
+from payflow.config import Config
+from payflow.db import run_with_retries
 from payflow.queries import queries
 
 SETTLEMENT_FILE_BYTES_MAX = 16 * 1024 * 1024
 CSV_COLUMNS = ("reference", "payout_reference", "amount", "currency", "settled_at")
 CONFLICTS_SHOWN_MAX = 20
-# A CSV cell becomes an integer only when it is written as one: "12.50",
-# "1e3" or " 5" stay strings and fail validation, as they would in JSON.
+# A CSV cell becomes an integer only when it is written as one: "12.50" or
+# "1e3" stay strings and fail validation, as they would in JSON.
 _INTEGER_CELL = re.compile(r"-?[0-9]{1,40}")
 
 
@@ -46,23 +48,27 @@ def read_file(path: Path, file_format: str | None, source: str | None) -> dict:
 
 
 def parse_csv(text: str) -> dict:
-    """A header line naming CSV_COLUMNS (in any order), then one record a line."""
-    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    """A header line naming CSV_COLUMNS (in any order), then one record a line.
+    Every cell is trimmed: padding is a CSV file's layout, not part of a value
+    (a JSON value, sent as meant, is refused with surrounding whitespace)."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
-        columns = reader.fieldnames or []
+        columns = [name.strip() for name in next(reader, [])]
         if sorted(columns) != sorted(CSV_COLUMNS):
             raise errors.ValidationFailed(
                 "The CSV header must name exactly these columns: " + ",".join(CSV_COLUMNS),
                 details={"columns": columns})
         records = []
-        for row in reader:
+        for cells in reader:
+            if not cells:
+                continue  # a blank line
             if len(records) == schemas.SETTLEMENT_RECORDS_PER_BATCH_MAX:
                 raise errors.ValidationFailed(
                     f"At most {schemas.SETTLEMENT_RECORDS_PER_BATCH_MAX} records a batch: split the file.")
-            if None in row or None in row.values():
+            if len(cells) != len(CSV_COLUMNS):
                 raise errors.ValidationFailed(
                     f"Line {reader.line_num} does not have {len(CSV_COLUMNS)} cells.")
-            records.append(_typed(row))
+            records.append(_typed(dict(zip(columns, (cell.strip() for cell in cells), strict=True))))
     except csv.Error as error:
         raise errors.ValidationFailed(f"Line {reader.line_num} is not valid CSV: {error}") from None
     return {"records": records}
@@ -96,17 +102,25 @@ def load_batch(raw: object) -> dict:
     return schemas.load(schemas.SettlementBatchSchema(), raw)
 
 
-def import_batch(conn: psycopg.Connection, batch: dict, imported_by: str | None) -> dict:
-    """Imports a validated batch in one transaction; SettlementConflict (and
-    nothing imported) when a reference is already there with other content."""
-    records = [{**record, "settled_at": record["settled_at"].isoformat()} for record in batch["records"]]
-    with conn.transaction():
-        row = conn.execute(queries["import_settlements"], {
-            "source": batch["source"], "records": Jsonb(records), "imported_by": imported_by,
-            "conflicts_shown_max": CONFLICTS_SHOWN_MAX}).fetchone()
-        if row["conflict_count"]:
-            # Raised inside the transaction: it rolls back, the batch leaves nothing.
-            raise errors.SettlementConflict(details={
-                "conflict_count": row["conflict_count"], "conflicts": row["conflicts"]})
+def import_batch(conn: psycopg.Connection, config: Config, batch: dict, imported_by: str | None) -> dict:
+    """Imports a validated batch in one transaction (retried after a deadlock);
+    SettlementConflict (and nothing imported) when a reference is already there
+    with other content."""
+    records = [{**record, "settled_at": record["settled_at"].isoformat(),
+                "settled_on": record["settled_on"] and record["settled_on"].isoformat()}
+               for record in batch["records"]]
+
+    def transaction() -> dict:
+        with conn.transaction():
+            row = conn.execute(queries["import_settlements"], {
+                "source": batch["source"], "records": Jsonb(records), "imported_by": imported_by,
+                "conflicts_shown_max": CONFLICTS_SHOWN_MAX}).fetchone()
+            if row["conflict_count"]:
+                # Raised inside the transaction: it rolls back, the batch leaves nothing.
+                raise errors.SettlementConflict(details={
+                    "conflict_count": row["conflict_count"], "conflicts": row["conflicts"]})
+        return row
+
+    row = run_with_retries(config, transaction)
     return {"object": "settlement_import", "source": batch["source"], "records": len(records),
             "inserted": row["inserted"], "already_present": row["already_present"]}

@@ -31,11 +31,11 @@ def _first_page() -> dict:
 @blueprint.alt_response(422, schema=schemas.ApiErrorSchema, description="validation_error")
 @json_body(blueprint, schemas.ReconciliationCreateSchema, idempotency_key="none")
 def create_reconciliation(body, idempotent_request) -> Response:
-    """Classifies every payout succeeded and settlement line imported by as_of;
-    with the first page of exceptions. Moves no money: a retry makes another run."""
+    """Classifies every payout succeeded (since `since`, if given) and settlement
+    line imported by as_of; with the first page of exceptions. Moves no money:
+    a retry makes another run."""
     with wrap_errors(), services().pool.connection() as conn:
-        run_id = reconciliation.run(conn, services().config, body["as_of"], body["window_days"],
-                                    created_by=caller().key_id)
+        run_id = reconciliation.run(conn, services().config, created_by=caller().key_id, **body)
         report = reconciliation.report(conn, run_id, _first_page())
     response = json_text_response(json.dumps(report), 201)
     response.headers["Location"] = f"/v1/reconciliations/{run_id}"
@@ -67,6 +67,7 @@ def get_reconciliation(run_id: str) -> Response:
 def resolve_exception(body, idempotent_request, run_id: str, exception_id: str) -> Response:
     """Once: who (this API key), when and the note are recorded for good."""
     with wrap_errors(), services().pool.connection() as conn:
-        resolved = reconciliation.resolve(conn, parse_uuid(run_id), parse_uuid(exception_id),
-                                          body["note"], resolved_by=caller().key_id)
+        resolved = reconciliation.resolve(conn, services().config, parse_uuid(run_id),
+                                          parse_uuid(exception_id), body["note"],
+                                          resolved_by=caller().key_id)
     return json_text_response(json.dumps(resolved))

@@ -30,5 +30,5 @@ def import_settlements(body, idempotent_request) -> Response:
     """Idempotent by each record's (source, reference): sending the same batch
     again inserts nothing. All or nothing: a conflict keeps no record."""
     with wrap_errors(), services().pool.connection() as conn:
-        result = settlements.import_batch(conn, body, imported_by=caller().key_id)
+        result = settlements.import_batch(conn, services().config, body, imported_by=caller().key_id)
     return json_text_response(json.dumps(result), 201 if result["inserted"] else 200)

@@ -19,9 +19,20 @@ CREATE TRIGGER payouts_set_succeeded_at BEFORE INSERT OR UPDATE OF status ON pay
     FOR EACH ROW WHEN (NEW.status = 'succeeded' AND NEW.succeeded_at IS NULL)
     EXECUTE FUNCTION payflow_payout_set_succeeded_at();
 
+-- How a settlement line's payout_reference is compared with a payout's
+-- provider_reference or id: banks upper-case references and pad them, and a
+-- provider's may carry stray spaces. Both sides go through this one function.
+CREATE FUNCTION payflow_reference_key(reference text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT lower(btrim(reference, E' \t\n\r\f\x0B'))
+$$;
+
 -- One line of a settlement file. (source, reference) is the file's own
 -- reference for the line: importing the same file again inserts nothing.
 -- payout_reference names our payout: its provider_reference, or its id.
+-- settled_on: the value date, when the file gave a day and no time; then
+-- settled_at is that day's first instant (UTC) and a run reads the line as
+-- the whole day.
 CREATE TABLE settlements (
     id               uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     source           text NOT NULL CHECK (char_length(source) BETWEEN 1 AND 100),
@@ -30,9 +41,12 @@ CREATE TABLE settlements (
     amount           bigint NOT NULL CHECK (amount > 0),
     currency         text NOT NULL CHECK (currency ~ '^[A-Z]{3}$'),
     settled_at       timestamptz NOT NULL,
+    settled_on       date,
     imported_at      timestamptz NOT NULL DEFAULT now(),
     imported_by      uuid REFERENCES api_keys (id),  -- NULL: the CLI
-    CONSTRAINT settlements_source_reference UNIQUE (source, reference)
+    CONSTRAINT settlements_source_reference UNIQUE (source, reference),
+    CONSTRAINT settlements_value_date
+        CHECK (settled_on IS NULL OR settled_at = settled_on::timestamp AT TIME ZONE 'UTC')
 );
 
 -- What the bank reported is evidence: never edited, never deleted.
@@ -42,10 +56,11 @@ CREATE TRIGGER settlements_no_truncate BEFORE TRUNCATE ON settlements
     FOR EACH STATEMENT EXECUTE FUNCTION payflow_refuse_change();
 
 CREATE FUNCTION payflow_settlement_line_json(
-    payout_reference text, amount bigint, currency text, settled_at timestamptz)
+    payout_reference text, amount bigint, currency text, settled_at timestamptz, settled_on date)
 RETURNS jsonb LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT jsonb_build_object('payout_reference', payout_reference, 'amount', amount,
-                              'currency', currency, 'settled_at', payflow_timestamp_json(settled_at))
+                              'currency', currency, 'settled_at', payflow_timestamp_json(settled_at),
+                              'settled_on', settled_on)
 $$;
 
 -- Imports a batch inside the caller's transaction. A line already present
@@ -61,12 +76,12 @@ CREATE FUNCTION payflow_import_settlements_v1(
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO settlements (source, reference, payout_reference, amount, currency, settled_at,
-                             imported_by)
+                             settled_on, imported_by)
     SELECT p_source, r.reference, r.payout_reference, r.amount, r.currency, r.settled_at,
-           p_imported_by
+           r.settled_on, p_imported_by
       FROM jsonb_to_recordset(p_records)
            AS r(reference text, payout_reference text, amount bigint, currency text,
-                settled_at timestamptz)
+                settled_at timestamptz, settled_on date)
      -- In reference order, so two imports of overlapping files wait on each
      -- other's lines in one order and cannot deadlock.
      ORDER BY r.reference
@@ -75,15 +90,16 @@ BEGIN
 
     WITH compared AS (
         SELECT r.reference,
-               (s.payout_reference, s.amount, s.currency, s.settled_at)
-               IS DISTINCT FROM (r.payout_reference, r.amount, r.currency, r.settled_at) AS differs,
-               payflow_settlement_line_json(s.payout_reference, s.amount, s.currency, s.settled_at)
-               AS stored,
-               payflow_settlement_line_json(r.payout_reference, r.amount, r.currency, r.settled_at)
-               AS received
+               (s.payout_reference, s.amount, s.currency, s.settled_at, s.settled_on)
+               IS DISTINCT FROM (r.payout_reference, r.amount, r.currency, r.settled_at, r.settled_on)
+               AS differs,
+               payflow_settlement_line_json(s.payout_reference, s.amount, s.currency, s.settled_at,
+                                            s.settled_on) AS stored,
+               payflow_settlement_line_json(r.payout_reference, r.amount, r.currency, r.settled_at,
+                                            r.settled_on) AS received
           FROM jsonb_to_recordset(p_records)
                AS r(reference text, payout_reference text, amount bigint, currency text,
-                    settled_at timestamptz)
+                    settled_at timestamptz, settled_on date)
           JOIN settlements s ON s.source = p_source AND s.reference = r.reference)
     SELECT count(*) FILTER (WHERE NOT differs) - inserted,  -- ours match too: not "already"
            count(*) FILTER (WHERE differs),
@@ -97,11 +113,14 @@ END $$;
 -- A reconciliation run: what payflow knew at as_of (the payouts that had
 -- succeeded and the settlement lines that had been imported by then),
 -- classified at once. A run as of a past moment finds what a run then would
--- have found. Runs are evidence too: never edited or deleted; running again
--- makes a new run.
+-- have found. since, when given, leaves out the payouts that succeeded before
+-- it (and the lines naming them): the history before a deploy, or before a
+-- period already closed. Runs are evidence too: never edited or deleted;
+-- running again makes a new run.
 CREATE TABLE reconciliation_runs (
     id          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     as_of       timestamptz NOT NULL,
+    since       timestamptz CHECK (since <= as_of),
     window_days integer NOT NULL CHECK (window_days BETWEEN 1 AND 90),
     -- Per class: matched, pending (still within its window) and each exception code.
     counts      jsonb NOT NULL CHECK (jsonb_typeof(counts) = 'object'),
@@ -117,13 +136,16 @@ CREATE TRIGGER reconciliation_runs_no_truncate BEFORE TRUNCATE ON reconciliation
 
 -- What a run could not match, and how an operator resolved it.
 -- difference = settled_amount - expected_amount (a fee of 25 is -25), when
--- the run has both in one currency.
+-- the run has both in one currency. An exception an operator resolved in an
+-- earlier run is recorded resolved again, with that resolution (who, when,
+-- why) and resolution_carried_from naming the exception it was given to.
 CREATE TABLE reconciliation_exceptions (
     id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     run_id          uuid NOT NULL REFERENCES reconciliation_runs (id),
     code            text NOT NULL CHECK (code IN (
                         'amount_mismatch', 'currency_mismatch', 'late_settlement', 'early_settlement',
-                        'missing_settlement', 'unexpected_settlement', 'duplicate_settlement')),
+                        'missing_settlement', 'unexpected_settlement', 'duplicate_settlement',
+                        'ambiguous_reference')),
     payout_id       uuid REFERENCES payouts (id),
     settlement_id   uuid REFERENCES settlements (id),
     currency        text NOT NULL CHECK (currency ~ '^[A-Z]{3}$'),
@@ -134,15 +156,22 @@ CREATE TABLE reconciliation_exceptions (
     resolved_at     timestamptz,
     resolved_by     uuid REFERENCES api_keys (id),
     resolution_note text CHECK (char_length(resolution_note) BETWEEN 1 AND 1000),
+    resolution_carried_from uuid REFERENCES reconciliation_exceptions (id),
     CONSTRAINT reconciliation_exceptions_names_something
         CHECK (payout_id IS NOT NULL OR settlement_id IS NOT NULL),
     CONSTRAINT reconciliation_exceptions_difference
         CHECK (difference IS NULL OR difference = settled_amount - expected_amount),
     CONSTRAINT reconciliation_exceptions_resolution
         CHECK ((resolved_at IS NULL) = (resolved_by IS NULL)
-               AND (resolved_at IS NULL) = (resolution_note IS NULL))
+               AND (resolved_at IS NULL) = (resolution_note IS NULL)),
+    CONSTRAINT reconciliation_exceptions_carried_resolution
+        CHECK (resolution_carried_from IS NULL OR resolved_at IS NOT NULL)
 );
 CREATE INDEX reconciliation_exceptions_run ON reconciliation_exceptions (run_id, code, id);
+-- The resolutions operators gave, which every run looks up: few (people write
+-- them), while the exceptions of all runs grow with every run.
+CREATE INDEX reconciliation_exceptions_resolutions ON reconciliation_exceptions (resolved_at)
+    WHERE resolved_at IS NOT NULL AND resolution_carried_from IS NULL;
 
 -- An exception is resolved at most once, and nothing else of it ever changes:
 -- the resolution (who, when, why) is the audit record.
@@ -163,40 +192,97 @@ CREATE TRIGGER reconciliation_exceptions_no_truncate BEFORE TRUNCATE ON reconcil
     FOR EACH STATEMENT EXECUTE FUNCTION payflow_refuse_change();
 
 -- A run, in one statement (one snapshot: an import committing meanwhile is
--- either wholly in or wholly out). Each record names a payout by its provider
--- reference, else by its id. Per payout, the record that fits best (currency,
--- amount, within the window), then the earliest, settles it; any other record
--- naming it is a duplicate. A record naming no payout that had succeeded by
--- as_of is unexpected. A payout with no record is missing once its window
--- has passed, pending before.
-CREATE FUNCTION payflow_reconcile_v1(p_as_of timestamptz, p_window_days integer, p_created_by uuid)
-RETURNS uuid LANGUAGE plpgsql AS $$
+-- either wholly in or wholly out).
+-- * Naming: each record names a payout by its provider reference, else by its
+--   id, both sides compared through payflow_reference_key. A reference that
+--   names several payouts is ambiguous and settles none of them.
+-- * Settling: per payout, the record that fits best settles it; any other
+--   record naming it is a duplicate. Fit is graded: same currency first, then
+--   the exact amount within the window, then within the window, then the
+--   exact amount, then the nearest to the payout's success; settled_at,
+--   source and reference then make the choice repeatable. A record with a
+--   value date (settled_on) stands for every instant of that day: its lag is
+--   the distance from the payout's success to the nearest of them.
+-- * The rest: a record naming no payout that had succeeded by as_of is
+--   unexpected; a payout with no record is missing once its window has
+--   passed, pending before.
+-- * Scope: with p_since, only the payouts that succeeded at or after it, every
+--   record naming them, and the records (any instant of them) at or after it
+--   that name no payout that succeeded before it.
+-- * Resolutions: an exception an operator resolved by as_of (same code,
+--   payout and settlement) is recorded resolved again, linked to it.
+-- as_of defaults to this statement's start on the database's clock, the
+-- clock that stamps succeeded_at and imported_at. outcome: 'created'
+-- (run_id), 'as_of_in_future' or 'since_after_as_of'.
+CREATE FUNCTION payflow_reconcile_v1(
+    p_as_of timestamptz, p_since timestamptz, p_window_days integer, p_created_by uuid,
+    OUT outcome text, OUT run_id uuid)
+-- No nested loop: every join here is over whole sets, and a nested loop over
+-- them took 12 to 20 s instead of 150 ms at 10,000 payouts. The planner
+-- picked one with stale statistics right after many payouts succeeded (one
+-- row expected, 10,000 found), and in the generic plan plpgsql may switch to
+-- after five runs in a session.
+LANGUAGE plpgsql SET enable_nestloop = off AS $$
 DECLARE
-    tolerance constant interval := make_interval(days => p_window_days);
-    created_run uuid;
+    -- Hours, not days: in a session whose time zone keeps daylight saving
+    -- time, timestamptz + N days is sometimes 24 N ± 1 hours.
+    tolerance constant interval := make_interval(hours => 24 * p_window_days);
+    run_as_of constant timestamptz := coalesce(p_as_of, statement_timestamp());
 BEGIN
+    IF run_as_of > statement_timestamp() THEN
+        -- Payouts would be called missing before their window has passed.
+        outcome := 'as_of_in_future';
+        RETURN;
+    ELSIF p_since > run_as_of THEN
+        outcome := 'since_after_as_of';
+        RETURN;
+    END IF;
     WITH due AS (
         SELECT id, amount, currency, succeeded_at FROM payouts
-         WHERE status = 'succeeded' AND succeeded_at <= p_as_of
+         WHERE status = 'succeeded' AND succeeded_at <= run_as_of
+           AND succeeded_at >= coalesce(p_since, '-infinity')
     ), reported AS (
-        SELECT * FROM settlements WHERE imported_at <= p_as_of
+        SELECT *,
+               -- The line's last instant: a value date is the whole day.
+               settled_at + CASE WHEN settled_on IS NULL THEN interval '0'
+                                 ELSE interval '24 hours' - interval '1 microsecond' END AS settled_until,
+               payflow_reference_key(payout_reference) AS payout_key
+          FROM settlements
+         WHERE imported_at <= run_as_of
     ), named AS (
-        SELECT DISTINCT ON (settlement_id) settlement_id, payout_id, payout_status
-          FROM (SELECT r.id AS settlement_id, p.id AS payout_id, p.status AS payout_status,
-                       1 AS preference, p.created_at
-                  FROM reported r JOIN payouts p ON p.provider_reference = r.payout_reference
-                UNION ALL
-                SELECT r.id, p.id, p.status, 2, p.created_at
-                  FROM reported r JOIN payouts p ON p.id::text = lower(r.payout_reference)) candidates
-         ORDER BY settlement_id, preference, created_at, payout_id
+        -- The payouts each record names: by provider reference, else by id.
+        -- Status and success time are read only when it names one payout.
+        SELECT DISTINCT ON (settlement_id) settlement_id, payout_ids, payout_status, payout_succeeded_at
+          FROM (SELECT settlement_id, preference, array_agg(payout_id ORDER BY payout_id) AS payout_ids,
+                       min(status) AS payout_status, min(succeeded_at) AS payout_succeeded_at
+                  FROM (SELECT r.id AS settlement_id, p.id AS payout_id, p.status, p.succeeded_at,
+                               1 AS preference
+                          FROM reported r
+                          JOIN payouts p ON payflow_reference_key(p.provider_reference) = r.payout_key
+                        UNION ALL
+                        SELECT r.id, p.id, p.status, p.succeeded_at, 2
+                          FROM reported r JOIN payouts p ON p.id::text = r.payout_key) candidates
+                 GROUP BY settlement_id, preference) per_preference
+         ORDER BY settlement_id, preference
     ), records AS (
         SELECT r.id AS settlement_id, r.source, r.reference, r.amount, r.currency, r.settled_at,
-               n.payout_id AS named_payout_id, n.payout_status, d.id AS payout_id,
-               d.amount AS expected_amount, d.currency AS expected_currency,
-               r.settled_at - d.succeeded_at AS lag
+               CASE WHEN cardinality(n.payout_ids) > 1 THEN n.payout_ids END AS ambiguous_payout_ids,
+               CASE WHEN cardinality(n.payout_ids) = 1 THEN n.payout_ids[1] END AS named_payout_id,
+               -- What the payout was at as_of, as far as payflow records it.
+               CASE WHEN n.payout_succeeded_at > run_as_of THEN 'succeeded_after_as_of'
+                    ELSE n.payout_status END AS payout_status,
+               d.id AS payout_id, d.amount AS expected_amount, d.currency AS expected_currency,
+               CASE WHEN r.settled_until < d.succeeded_at THEN r.settled_until - d.succeeded_at
+                    WHEN r.settled_at > d.succeeded_at THEN r.settled_at - d.succeeded_at
+                    ELSE interval '0' END AS lag
           FROM reported r
           LEFT JOIN named n ON n.settlement_id = r.id
-          LEFT JOIN due d ON d.id = n.payout_id
+          LEFT JOIN due d ON d.id = n.payout_ids[1] AND cardinality(n.payout_ids) = 1
+         -- With since: the records of the run's payouts, and the others at or
+         -- after since unless they name a payout that succeeded before it.
+         WHERE p_since IS NULL OR d.id IS NOT NULL
+            OR (r.settled_until >= p_since
+                AND NOT coalesce(cardinality(n.payout_ids) = 1 AND n.payout_succeeded_at < p_since, false))
     ), ranked AS (
         SELECT *,
                first_value(settlement_id) OVER by_fit AS first_settlement_id,
@@ -204,8 +290,11 @@ BEGIN
           FROM records
          WHERE payout_id IS NOT NULL
         WINDOW by_fit AS (PARTITION BY payout_id
-                          ORDER BY (currency = expected_currency AND amount = expected_amount
-                                    AND lag BETWEEN -tolerance AND tolerance) DESC,
+                          ORDER BY currency = expected_currency DESC,
+                                   (amount = expected_amount AND lag BETWEEN -tolerance AND tolerance) DESC,
+                                   lag BETWEEN -tolerance AND tolerance DESC,
+                                   amount = expected_amount DESC,
+                                   abs(extract(epoch FROM lag)),
                                    settled_at, source, reference)
     ), classified AS (
         SELECT CASE WHEN rank > 1 THEN 'duplicate_settlement'
@@ -222,13 +311,18 @@ BEGIN
                     ELSE '{}' END AS details
           FROM ranked
         UNION ALL
-        SELECT 'unexpected_settlement', named_payout_id, settlement_id, currency, NULL, amount, NULL,
-               CASE WHEN named_payout_id IS NULL THEN '{}'
-                    ELSE jsonb_build_object('payout_status', payout_status) END
+        SELECT CASE WHEN ambiguous_payout_ids IS NULL THEN 'unexpected_settlement'
+                    ELSE 'ambiguous_reference' END,
+               named_payout_id, settlement_id, currency, NULL, amount, NULL,
+               CASE WHEN ambiguous_payout_ids IS NOT NULL
+                    THEN jsonb_build_object('payout_ids', ambiguous_payout_ids)
+                    WHEN named_payout_id IS NOT NULL
+                    THEN jsonb_build_object('payout_status', payout_status)
+                    ELSE '{}' END
           FROM records
          WHERE payout_id IS NULL
         UNION ALL
-        SELECT CASE WHEN d.succeeded_at + tolerance < p_as_of THEN 'missing_settlement'
+        SELECT CASE WHEN d.succeeded_at + tolerance < run_as_of THEN 'missing_settlement'
                     ELSE 'pending' END,
                d.id, NULL, d.currency, d.amount, NULL, NULL, '{}'
           FROM due d
@@ -237,7 +331,8 @@ BEGIN
         SELECT jsonb_object_agg(codes.code, coalesce(found.n, 0)) AS counts
           FROM unnest(ARRAY['matched', 'pending', 'amount_mismatch', 'currency_mismatch',
                             'late_settlement', 'early_settlement', 'missing_settlement',
-                            'unexpected_settlement', 'duplicate_settlement']) AS codes (code)
+                            'unexpected_settlement', 'duplicate_settlement',
+                            'ambiguous_reference']) AS codes (code)
           LEFT JOIN (SELECT code, count(*) AS n FROM classified GROUP BY code) found USING (code)
     ), summed AS (
         SELECT coalesce(jsonb_agg(jsonb_build_object(
@@ -246,35 +341,53 @@ BEGIN
           FROM (SELECT currency, sum(expected) AS expected, sum(settled) AS settled
                   FROM (SELECT currency, amount AS expected, 0 AS settled FROM due
                         UNION ALL
-                        SELECT currency, 0, amount FROM reported) amounts
+                        SELECT currency, 0, amount FROM records) amounts
                  GROUP BY currency) per_currency
+    ), resolutions AS (
+        -- The first resolution an operator gave each (code, payout, settlement) by as_of.
+        SELECT DISTINCT ON (code, payout_id, settlement_id)
+               id, code, payout_id, settlement_id, resolved_at, resolved_by, resolution_note
+          FROM reconciliation_exceptions
+         WHERE resolved_at <= run_as_of AND resolution_carried_from IS NULL
+         ORDER BY code, payout_id, settlement_id, resolved_at, id
     ), run AS (
-        INSERT INTO reconciliation_runs (as_of, window_days, counts, totals, created_by)
-        SELECT p_as_of, p_window_days, counted.counts, summed.totals, p_created_by
+        INSERT INTO reconciliation_runs (as_of, since, window_days, counts, totals, created_by)
+        SELECT run_as_of, p_since, p_window_days, counted.counts, summed.totals, p_created_by
           FROM counted, summed
         RETURNING id
     ), written AS (
         INSERT INTO reconciliation_exceptions (run_id, code, payout_id, settlement_id, currency,
-                                               expected_amount, settled_amount, difference, details)
+                                               expected_amount, settled_amount, difference, details,
+                                               resolved_at, resolved_by, resolution_note,
+                                               resolution_carried_from)
         SELECT run.id, c.code, c.payout_id, c.settlement_id, c.currency, c.expected_amount,
-               c.settled_amount, c.difference, c.details
-          FROM classified c, run
+               c.settled_amount, c.difference, c.details,
+               earlier.resolved_at, earlier.resolved_by, earlier.resolution_note, earlier.id
+          FROM classified c CROSS JOIN run
+          -- The coalesce equality gives the planner a hash key (IS NOT DISTINCT
+          -- FROM has none); exceptions without a settlement name a payout.
+          LEFT JOIN resolutions earlier
+                 ON earlier.code = c.code
+                AND coalesce(earlier.settlement_id, earlier.payout_id)
+                    = coalesce(c.settlement_id, c.payout_id)
+                AND earlier.payout_id IS NOT DISTINCT FROM c.payout_id
+                AND earlier.settlement_id IS NOT DISTINCT FROM c.settlement_id
          WHERE c.code NOT IN ('matched', 'pending')
     )
-    SELECT id INTO created_run FROM run;
-    RETURN created_run;
+    SELECT 'created', id INTO outcome, run_id FROM run;
 END $$;
 
 CREATE FUNCTION payflow_reconciliation_run_json(r reconciliation_runs) RETURNS jsonb
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT jsonb_build_object(
         'id', r.id, 'object', 'reconciliation', 'as_of', payflow_timestamp_json(r.as_of),
-        'window_days', r.window_days,
+        'since', payflow_timestamp_json(r.since), 'window_days', r.window_days,
         'status', CASE WHEN count(e.id) FILTER (WHERE e.resolved_at IS NULL) = 0 THEN 'reconciled'
                        ELSE 'exceptions_open' END,
         'counts', r.counts, 'totals', r.totals,
         'exceptions_total', count(e.id),
         'exceptions_open', count(e.id) FILTER (WHERE e.resolved_at IS NULL),
+        'exceptions_resolved_earlier', count(e.id) FILTER (WHERE e.resolution_carried_from IS NOT NULL),
         'created_by', r.created_by, 'created_at', payflow_timestamp_json(r.created_at))
       FROM (SELECT 1) one LEFT JOIN reconciliation_exceptions e ON e.run_id = r.id
 $$;
@@ -291,9 +404,10 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
         'currency', e.currency, 'expected_amount', e.expected_amount,
         'settled_amount', e.settled_amount, 'difference', e.difference,
         'succeeded_at', payflow_timestamp_json(p.succeeded_at),
-        'settled_at', payflow_timestamp_json(s.settled_at), 'details', e.details,
+        'settled_at', payflow_timestamp_json(s.settled_at), 'settled_on', s.settled_on,
+        'details', e.details,
         'resolved_at', payflow_timestamp_json(e.resolved_at), 'resolved_by', e.resolved_by,
-        'resolution_note', e.resolution_note)
+        'resolution_note', e.resolution_note, 'resolution_carried_from', e.resolution_carried_from)
       FROM (SELECT 1) one
       LEFT JOIN settlements s ON s.id = e.settlement_id
       LEFT JOIN payouts p ON p.id = e.payout_id

@@ -3,8 +3,8 @@
 SELECT set_config('statement_timeout', %(timeout_ms)s, true);
 
 -- name: reconcile
--- Runs a reconciliation (every payout and settlement as of a moment); returns the run's id.
-SELECT payflow_reconcile_v1(%(as_of)s, %(window_days)s, %(created_by)s) AS id;
+-- Runs a reconciliation (the payouts and settlements as of a moment, optionally since another).
+SELECT outcome, run_id FROM payflow_reconcile_v1(%(as_of)s, %(since)s, %(window_days)s, %(created_by)s);
 
 -- name: reconciliation_run_json
 -- One run, with its counts, totals and how many exceptions are still open.

@@ -4,7 +4,7 @@ schema's limits, value dates, and the exceptions cursor."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
 
@@ -20,16 +20,38 @@ def test_csv_columns_in_any_order_quoted_cells_and_a_byte_order_mark(tmp_path):
     batch = settlements.load_batch(settlements.read_file(path, None, "bank-x"))
     assert batch == {"source": "bank-x", "records": [{
         "reference": "L1", "payout_reference": "sim_a,b", "amount": 1250, "currency": "USD",
-        "settled_at": datetime(2026, 1, 2, tzinfo=UTC)}]}
+        "settled_at": datetime(2026, 1, 2, tzinfo=UTC), "settled_on": date(2026, 1, 2)}]}
 
 
-@pytest.mark.parametrize("cell", ["12.50", "1e3", " 5", "5 ", "0x10", "", "１２"])
+@pytest.mark.parametrize("cell", ["12.50", "1e3", "0x10", "", "１２", "1 000"])
 def test_a_csv_amount_is_an_integer_only_when_written_as_one(cell):
     batch = settlements.parse_csv(f"{HEADER}L1,r,{cell},USD,2026-01-02\n")
     assert batch["records"][0]["amount"] == cell
     with pytest.raises(errors.ValidationFailed) as refused:
         settlements.load_batch(batch)
     assert "amount" in refused.value.details["records"][0]
+
+
+def test_csv_cells_and_header_names_are_trimmed():
+    """Padding is the layout of a CSV file, not part of its values."""
+    text = (" reference , payout_reference,amount ,currency,settled_at\n"
+            '  L1 ,\tSIM_A  , 1250 ," USD ", 2026-01-02\n')
+    assert settlements.load_batch(settlements.parse_csv(text))["records"] == [{
+        "reference": "L1", "payout_reference": "SIM_A", "amount": 1250, "currency": "USD",
+        "settled_at": datetime(2026, 1, 2, tzinfo=UTC), "settled_on": date(2026, 1, 2)}]
+
+
+@pytest.mark.parametrize("field", ["reference", "payout_reference", "source"])
+@pytest.mark.parametrize("value", [" L1", "L1 ", "L1\n", "\u00a0L1"])
+def test_json_references_with_surrounding_whitespace_are_refused(field, value):
+    """JSON strings are sent as meant: payflow does not guess which part counts."""
+    record = {"reference": "L1", "payout_reference": "r", "amount": 1, "currency": "USD",
+              "settled_at": "2026-01-02"}
+    batch = {"source": value, "records": [record]} if field == "source" else {
+        "records": [{**record, field: value}]}
+    with pytest.raises(errors.ValidationFailed) as refused:
+        settlements.load_batch(batch)
+    assert "whitespace" in str(refused.value.details)
 
 
 def test_csv_record_limit():
@@ -63,15 +85,16 @@ def test_json_files_hold_the_api_body_or_a_list():
         settlements.parse_json('"records"')
 
 
-@pytest.mark.parametrize("value, expected", [
-    ("2026-03-04", datetime(2026, 3, 4, tzinfo=UTC)),
-    ("2026-03-04T05:06:07Z", datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)),
-    ("2026-03-04T05:06:07-02:00", datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone(timedelta(hours=-2)))),
+@pytest.mark.parametrize("value, settled_at, settled_on", [
+    ("2026-03-04", datetime(2026, 3, 4, tzinfo=UTC), date(2026, 3, 4)),
+    ("2026-03-04T05:06:07Z", datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC), None),
+    ("2026-03-04T05:06:07-02:00", datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone(timedelta(hours=-2))), None),
 ])
-def test_settled_at_is_a_moment_with_its_offset_or_a_value_date(value, expected):
+def test_settled_at_is_a_moment_with_its_offset_or_a_value_date(value, settled_at, settled_on):
+    """A value date is kept as the day (settled_on) and its first instant, UTC."""
     loaded = schemas.load(schemas.SettlementRecordSchema(), {
         "reference": "L1", "payout_reference": "r", "amount": 1, "currency": "USD", "settled_at": value})
-    assert loaded["settled_at"] == expected
+    assert (loaded["settled_at"], loaded["settled_on"]) == (settled_at, settled_on)
 
 
 def test_exception_cursors_round_trip_and_refuse_forgeries():
