@@ -56,7 +56,8 @@ def grow(conn, accounts: int, transfers: int) -> None:
                        (SELECT id FROM bench_accounts b WHERE b.n = 1 + (g * 7919) %% %(a)s) AS src,
                        (SELECT id FROM bench_accounts b
                          WHERE b.n = 1 + (g * 7919 + 1 + g %% 97) %% %(a)s) AS dst
-                  FROM generate_series(1, %(c)s) g""", {"a": accounts, "c": chunk})
+                  FROM generate_series(%(first)s::bigint, %(last)s::bigint) g""",
+                         {"a": accounts, "first": done + 1, "last": done + chunk})
             conn.execute("INSERT INTO transfers (id, kind, from_account_id, to_account_id, amount, currency)"
                          " SELECT transfer_id, 'transfer', src, dst, 1, 'USD' FROM grown WHERE src <> dst")
             conn.execute("""
