@@ -50,6 +50,7 @@ class Task:
 # Errors of one statement (a timeout, a lock wait, a deadlock): the connection
 # is fine, so the task failed and is retried with backoff like any other failure.
 PAYOUT_TOPIC = "payout.requested"
+PAID_END_DELAY_MAX_SECONDS = 0.05
 AUDIT_INTERVAL_MIN_SECONDS = 0.1  # even when /health wants an audit per call (max age 0)
 STATEMENT_ERRORS = (pg_errors.QueryCanceled, pg_errors.LockNotAvailable, pg_errors.TransactionRollback)
 
@@ -84,6 +85,7 @@ class Worker:
         self._handlers = {PAYOUT_TOPIC: self._run_payout, "webhook.deliver": self._deliver_webhook}
         self._started: dict[int, dict | None] = {}  # payouts marked processing with their batch
         self._paid: list[tuple[Task, str]] = []  # paid payouts (task, reference) to end together
+        self._paid_since = 0.0  # when the first of them was paid
 
     # -- the loop -------------------------------------------------------------
 
@@ -299,7 +301,14 @@ class Worker:
             amount=payout["amount"], currency=payout["currency"], destination=payout["destination"]))
         exhausted = task.attempts >= self.config.outbox_attempts_max
         if result.outcome == "paid":
-            self._paid.append((task, result.reference))  # ended with the batch's others
+            # Ended together with the batch's other paid payouts, unless the
+            # first of them has waited PAID_END_DELAY_MAX_SECONDS already: a
+            # slow provider must not hold back every success of its batch.
+            if not self._paid:
+                self._paid_since = time.monotonic()
+            self._paid.append((task, result.reference))
+            if time.monotonic() - self._paid_since >= PAID_END_DELAY_MAX_SECONDS:
+                self._end_paid_payouts()
         elif result.outcome == "permanent":
             self._end_payout("payout_fail", task, {"reason": result.reason})
         elif result.outcome == "retryable" and exhausted:
