@@ -22,7 +22,6 @@ import http.client
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -32,8 +31,8 @@ from pathlib import Path
 import psycopg
 from psycopg.rows import dict_row
 
-from bench.transfers import api_environment, bench_home, seed, start_api
-from payflow import embedded, migrations
+from bench.transfers import api_environment, durable_servers, seed, start_api
+from payflow import embedded
 from payflow.audit import full_audit
 
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -145,39 +144,34 @@ def main() -> None:
     if args.smoke:
         args.entries, args.accounts, args.health_calls = [5_000], 500, 10
 
-    home = bench_home()
     rows = []
-    try:
-        with embedded.EmbeddedServers(home / "servers", durable=True) as servers:
-            url = servers.postgres.url
-            migrations.migrate(url)
-            port = embedded.free_port()
-            environ = api_environment(servers, port)
-            with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-                seed(conn, args.accounts)
-                api = start_api(environ, home / "gunicorn.log")
-                # As in production, a worker keeps the audit fresh; /health reads it.
-                with open(home / "worker.log", "ab") as log:
-                    worker = subprocess.Popen([sys.executable, "-m", "payflow", "worker"], cwd=CHECKOUT,
-                                              env=environ, stdout=log, stderr=subprocess.STDOUT,
-                                              preexec_fn=embedded.parent_death_signal())
-                try:
-                    for target in sorted(args.entries):
-                        missing = target - entry_count(conn)
-                        if missing > 0:
-                            started = time.perf_counter()
-                            grow(conn, args.accounts, -(-missing // 2))
-                            print(f"grew to {entry_count(conn):,} entries in "
-                                  f"{time.perf_counter() - started:.0f} s", flush=True)
-                        rows.append(measure(url, port, entry_count(conn), args.health_calls,
-                                            advancing_calls=2 if args.smoke else ADVANCING_CALLS))
-                        print(rows[-1], flush=True)
-                finally:
-                    for process in (api, worker):
-                        process.terminate()
-                        process.wait(timeout=60)
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+    with durable_servers() as (home, servers):
+        url = servers.postgres.url
+        port = embedded.free_port()
+        environ = api_environment(servers, port)
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            seed(conn, args.accounts)
+            api = start_api(environ, home / "gunicorn.log")
+            # As in production, a worker keeps the audit fresh; /health reads it.
+            with open(home / "worker.log", "ab") as log:
+                worker = subprocess.Popen([sys.executable, "-m", "payflow", "worker"], cwd=CHECKOUT,
+                                          env=environ, stdout=log, stderr=subprocess.STDOUT,
+                                          preexec_fn=embedded.parent_death_signal())
+            try:
+                for target in sorted(args.entries):
+                    missing = target - entry_count(conn)
+                    if missing > 0:
+                        started = time.perf_counter()
+                        grow(conn, args.accounts, -(-missing // 2))
+                        print(f"grew to {entry_count(conn):,} entries in "
+                              f"{time.perf_counter() - started:.0f} s", flush=True)
+                    rows.append(measure(url, port, entry_count(conn), args.health_calls,
+                                        advancing_calls=2 if args.smoke else ADVANCING_CALLS))
+                    print(rows[-1], flush=True)
+            finally:
+                for process in (api, worker):
+                    process.terminate()
+                    process.wait(timeout=60)
     if args.smoke:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,10 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -26,7 +24,8 @@ from pathlib import Path
 import psycopg
 
 from bench.processes import peak_rss_mib
-from payflow import embedded, migrations
+from bench.transfers import durable_servers
+from payflow import embedded
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 RESULTS = CHECKOUT / "bench" / "results"
@@ -128,17 +127,11 @@ def main() -> None:
     if args.smoke:
         args.tasks, args.payouts, args.wakeups, args.workers = 500, 200, 10, [1, 2]
 
-    home = Path(tempfile.mkdtemp(prefix="payflow-bench-"))
-    home.chmod(0o755)
-    try:
-        with embedded.EmbeddedServers(home / "servers", durable=True, redis=False) as servers:
-            url = servers.postgres.url
-            migrations.migrate(url)
-            rows = [drain(url, args.tasks, workers, home) for workers in args.workers]
-            rows += [drain(url, args.payouts, workers, home, kind="payouts") for workers in args.workers]
-            rows.append(wakeup(url, args.wakeups, 2, home))
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+    with durable_servers(redis=False) as (home, servers):
+        url = servers.postgres.url
+        rows = [drain(url, args.tasks, workers, home) for workers in args.workers]
+        rows += [drain(url, args.payouts, workers, home, kind="payouts") for workers in args.workers]
+        rows.append(wakeup(url, args.wakeups, 2, home))
     for row in rows:
         print("  ".join(f"{key}={value}" for key, value in row.items()))
     if args.smoke:

@@ -20,6 +20,7 @@ check of the machinery, not of the times.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -84,11 +86,18 @@ def seed(conn, accounts: int) -> list[str]:
     return [str(world), *ids]
 
 
-def bench_home() -> Path:
-    """A scratch folder the servers' unprivileged user can enter."""
+@contextlib.contextmanager
+def durable_servers(redis: bool = True) -> Iterator[tuple[Path, embedded.EmbeddedServers]]:
+    """A scratch folder the servers' unprivileged user can enter, and durable
+    servers in it (fsync on), migrated; all gone on exit."""
     home = Path(tempfile.mkdtemp(prefix="payflow-bench-"))
     home.chmod(0o755)
-    return home
+    try:
+        with embedded.EmbeddedServers(home / "servers", durable=True, redis=redis) as servers:
+            migrations.migrate(servers.postgres.url)
+            yield home, servers
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def api_environment(servers: embedded.EmbeddedServers, port: int) -> dict:
@@ -177,55 +186,50 @@ def main() -> int:
     if args.smoke:
         args.accounts, args.seconds, args.clients = 200, 1, [1, 4]
 
-    home = bench_home()
     rows = []
-    try:
-        with embedded.EmbeddedServers(home / "servers", durable=True) as servers:
-            url = servers.postgres.url
-            migrations.migrate(url)
-            with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-                started = time.perf_counter()
-                accounts = seed(conn, args.accounts)
-                seed_seconds = time.perf_counter() - started
-                if not full_audit(url).ok:  # the bulk seed must be a sound ledger
-                    raise RuntimeError("the seeded ledger does not audit clean")
-                keys = [apikeys.create(conn, f"bench-{n}", ["admin"])[1] for n in range(max(args.clients))]
-            port = embedded.free_port()
-            api = start_api(api_environment(servers, port), home / "gunicorn.log")
-            bin_dir = embedded.postgres_bin_dir()
-            try:
-                for scenario, hot in (("transfer-uniform", False), ("transfer-hot", True)):
-                    for clients in args.clients:
-                        ceiling = pgbench(bin_dir, url, clients, args.seconds, args.accounts, hot, home)
-                        statements = pgbench(bin_dir, url, clients, args.seconds, args.accounts, hot,
-                                             home, form="per-statement")
-                        plan = {"host": "127.0.0.1", "port": port, "seconds": args.seconds,
-                                "clients": clients, "api_keys": keys[:clients], "accounts": accounts[1:],
-                                "hot_account": accounts[0] if hot else None}
-                        result = drive(plan, home, api.pid)
-                        ratio = round(result["per_second"] / ceiling["per_second"], 3)
-                        rows.append({"scenario": scenario, "clients": clients, **result,
-                                     "ceiling_per_second": ceiling["per_second"],
-                                     "ratio_to_ceiling": ratio,
-                                     "per_statement_ceiling_per_second": statements["per_second"],
-                                     "ceiling_errors": ceiling["errors"] + statements["errors"]})
-                clients = max(args.clients[:3])
-                keys_done = replay_keys(port, keys[0], accounts, 200)
-                replay = drive({"host": "127.0.0.1", "port": port, "seconds": args.seconds,
-                                "clients": clients, "api_keys": keys[:1], "accounts": accounts[1:],
-                                "replay_keys": keys_done}, home, api.pid)
-                uniform = next(r for r in rows if r["scenario"] == "transfer-uniform"
-                               and r["clients"] == clients)
-                rows.append({"scenario": "idempotent-replay", "clients": clients, **replay,
-                             "cost_vs_transfer": round(uniform["per_second"] / replay["per_second"], 3),
-                             "cpu_cost_vs_transfer": round(replay["api_cpu_ms_per_request"]
-                                                           / uniform["api_cpu_ms_per_request"], 3)})
-                memory = {"api_worker_peak_rss_mib": children_peak_rss_mib(api.pid)}
-            finally:
-                api.terminate()
-                api.wait(timeout=60)
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+    with durable_servers() as (home, servers):
+        url = servers.postgres.url
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            started = time.perf_counter()
+            accounts = seed(conn, args.accounts)
+            seed_seconds = time.perf_counter() - started
+            if not full_audit(url).ok:  # the bulk seed must be a sound ledger
+                raise RuntimeError("the seeded ledger does not audit clean")
+            keys = [apikeys.create(conn, f"bench-{n}", ["admin"])[1] for n in range(max(args.clients))]
+        port = embedded.free_port()
+        api = start_api(api_environment(servers, port), home / "gunicorn.log")
+        bin_dir = embedded.postgres_bin_dir()
+        try:
+            for scenario, hot in (("transfer-uniform", False), ("transfer-hot", True)):
+                for clients in args.clients:
+                    ceiling = pgbench(bin_dir, url, clients, args.seconds, args.accounts, hot, home)
+                    statements = pgbench(bin_dir, url, clients, args.seconds, args.accounts, hot,
+                                         home, form="per-statement")
+                    plan = {"host": "127.0.0.1", "port": port, "seconds": args.seconds,
+                            "clients": clients, "api_keys": keys[:clients], "accounts": accounts[1:],
+                            "hot_account": accounts[0] if hot else None}
+                    result = drive(plan, home, api.pid)
+                    ratio = round(result["per_second"] / ceiling["per_second"], 3)
+                    rows.append({"scenario": scenario, "clients": clients, **result,
+                                 "ceiling_per_second": ceiling["per_second"],
+                                 "ratio_to_ceiling": ratio,
+                                 "per_statement_ceiling_per_second": statements["per_second"],
+                                 "ceiling_errors": ceiling["errors"] + statements["errors"]})
+            clients = max(args.clients[:3])
+            keys_done = replay_keys(port, keys[0], accounts, 200)
+            replay = drive({"host": "127.0.0.1", "port": port, "seconds": args.seconds,
+                            "clients": clients, "api_keys": keys[:1], "accounts": accounts[1:],
+                            "replay_keys": keys_done}, home, api.pid)
+            uniform = next(r for r in rows if r["scenario"] == "transfer-uniform"
+                           and r["clients"] == clients)
+            rows.append({"scenario": "idempotent-replay", "clients": clients, **replay,
+                         "cost_vs_transfer": round(uniform["per_second"] / replay["per_second"], 3),
+                         "cpu_cost_vs_transfer": round(replay["api_cpu_ms_per_request"]
+                                                       / uniform["api_cpu_ms_per_request"], 3)})
+            memory = {"api_worker_peak_rss_mib": children_peak_rss_mib(api.pid)}
+        finally:
+            api.terminate()
+            api.wait(timeout=60)
 
     columns = ["scenario", "clients", "per_second", "p50_ms", "p99_ms", "max_ms", "errors",
                "ratio_to_ceiling", "ceiling_per_second", "per_statement_ceiling_per_second",
