@@ -22,6 +22,7 @@ import redis
 
 from payflow import errors, metrics
 from payflow.config import Config
+from payflow.redis_scripts import ScriptRunner
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) 
 return 0
 """
 _DONE = "done:"
+_ADMIT, _COMPLETE, _RELEASE = map(ScriptRunner.script, (_ADMIT_SCRIPT, _COMPLETE_SCRIPT, _RELEASE_SCRIPT))
 
 
 def key_from_headers(headers, required: bool) -> str | None:
@@ -135,10 +137,8 @@ class RedisGuard:
             if config.redis_url
             else None
         )
-        if self._client:
-            self._admit = self._client.register_script(_ADMIT_SCRIPT)
-            self._complete = self._client.register_script(_COMPLETE_SCRIPT)
-            self._release = self._client.register_script(_RELEASE_SCRIPT)
+        # The per-request scripts skip redis-py's command path (see redis_scripts).
+        self._scripts = ScriptRunner(self._client) if self._client else None
         self._down_until = 0.0
         self._lock = threading.Lock()
 
@@ -167,7 +167,7 @@ class RedisGuard:
         if key:
             keys.append(self._name(scope, "idem", key))
         try:
-            count, revoked, state, value = self._admit(keys=keys, args=[
+            count, revoked, state, value = self._scripts.run(_ADMIT, keys, [
                 "lock" if key else "count", limit, window_seconds, token,
                 self._config.idempotency_lock_ms])
         except redis.RedisError as error:
@@ -218,7 +218,7 @@ class RedisGuard:
             # Never longer than the database keeps the key.
             keep_ms = min(self._config.idempotency_replay_cache_ms,
                           self._config.idempotency_key_ttl_seconds * 1000)
-            self._complete(keys=[lock.name], args=[lock.token, completed.encode(), keep_ms])
+            self._scripts.run(_COMPLETE, [lock.name], [lock.token, completed.encode(), keep_ms])
         except redis.RedisError as error:
             self._failed(error)  # the lock expires by itself
 
@@ -227,7 +227,7 @@ class RedisGuard:
         if not lock.name or not self._available():
             return
         try:
-            self._release(keys=[lock.name], args=[lock.token])
+            self._scripts.run(_RELEASE, [lock.name], [lock.token])
         except redis.RedisError as error:
             self._failed(error)  # the lock expires by itself
 
@@ -246,4 +246,5 @@ class RedisGuard:
 
     def close(self) -> None:
         if self._client is not None:
+            self._scripts.close()
             self._client.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 from flask import Flask, current_app, g, request
 
 from payflow import apikeys, errors, idempotency
+from payflow.api.observability import KEY_ID_ENVIRON
 from payflow.api.services import services
 from payflow.db import wrap_errors
 
@@ -39,7 +40,7 @@ def _authenticate() -> None:
     found = cached or _from_database(secret)
     if found is None:
         raise errors.Unauthorized(UNKNOWN_OR_REVOKED)
-    g.caller = found
+    _identify(found)
     view = current_app.view_functions.get(request.endpoint)
     needed = getattr(view, "required_scope", "admin")
     allowed = view is not None and found.may(needed)
@@ -49,7 +50,7 @@ def _authenticate() -> None:
     admission = services().rate_limiter.admit(found.key_id, _idempotency_key(view) if allowed else None)
     if admission.revoked:
         cache.drop(found.key_id)
-        g.caller = None
+        _identify(None)
         raise errors.Unauthorized(UNKNOWN_OR_REVOKED)
     g.in_flight = admission.lock
     # The cache is only as good as the Redis round trip that carries
@@ -57,7 +58,7 @@ def _authenticate() -> None:
     if admission.count is None and cached is not None:
         cache.drop(found.key_id)
         if _from_database(secret) is None:
-            g.caller = None
+            _identify(None)
             raise errors.Unauthorized(UNKNOWN_OR_REVOKED)
     elif admission.count is not None and cached is None:
         cache.put(secret, found)
@@ -65,6 +66,11 @@ def _authenticate() -> None:
         return  # no such route (or method): 404 / 405 follow
     if not allowed:
         raise errors.Forbidden(details={"required_scope": needed})
+
+
+def _identify(found: apikeys.Caller | None) -> None:
+    g.caller = found
+    request.environ[KEY_ID_ENVIRON] = found.key_id if found else None  # for the request's log line
 
 
 def _from_database(secret: str) -> apikeys.Caller | None:

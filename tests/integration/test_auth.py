@@ -9,8 +9,9 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from payflow import embedded, idempotency
+from payflow import embedded
 from payflow.cli import main
+from payflow.redis_scripts import ScriptRunner
 from tests.conftest import make_app, make_config, new_api_key
 from tests.helpers import JSON, Api, assert_error, create_system_account, new_key
 
@@ -222,7 +223,7 @@ def test_a_cached_key_is_checked_in_the_database_when_redis_does_not_answer(app,
     db.execute("UPDATE api_keys SET revoked_at = now() WHERE id = %s", (key_id,))
     guard = app.extensions["payflow"].guard
     dead = redis.Redis(port=embedded.free_port(), socket_timeout=0.2, socket_connect_timeout=0.2)
-    guard._admit = dead.register_script(idempotency._ADMIT_SCRIPT)  # Redis stops answering
+    guard._scripts = ScriptRunner(dead)  # Redis stops answering
     assert_error(client.get("/v1/accounts/x", headers=bearer(secret)), 401, "unauthorized")
 
 

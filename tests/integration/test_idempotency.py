@@ -4,6 +4,7 @@ rejected or rolled-back request, and all of it with Redis stopped."""
 from __future__ import annotations
 
 import threading
+import time
 
 import psycopg
 import pytest
@@ -257,3 +258,34 @@ def test_a_replay_inside_the_cache_window_needs_no_database(funded, db, app):
     assert_error(api.transfer(source, destination, 200, key=key), 422, "idempotency_key_reused")
     assert_error(api.transfer(source, destination, -5, key=key), 422, "validation_error")
     assert api.balance(source) == 10_000 - 100
+
+
+def test_a_restarted_redis_is_used_again_with_its_scripts_reloaded(database_url, test_home, db):
+    """Each request thread keeps its own Redis connection (redis_scripts): a
+    Redis restart breaks it and forgets the scripts; the next requests are
+    served from PostgreSQL, then Redis guards them again on fresh connections."""
+    redis_server = embedded.EmbeddedRedis(test_home / f"redis-{new_key()}")
+    redis_server.start()
+    app = make_app(make_config(database_url, redis_server.url, redis_timeout_ms=200,
+                               redis_retry_after_failure_seconds=0.2))
+    try:
+        api = Api(app.test_client())
+        world = create_system_account(db)
+        source, destination = api.create_account(), api.create_account()
+        api.ok_transfer(world, source, 1_000)
+        guard = app.extensions["payflow"].guard
+        redis_server.stop()
+        redis_server.start()  # same port, empty, no scripts loaded
+        first = api.transfer(source, destination, 10, key=(key := new_key()))
+        assert first.status_code == 201  # Redis failed once: PostgreSQL alone decided
+        time.sleep(0.3)  # past redis_retry_after_failure_seconds
+        second = api.transfer(source, destination, 10, key=(other := new_key()))
+        assert second.status_code == 201
+        cached = guard._client.get(guard._name(app.config["TEST_API_KEY_ID"], "idem", other))
+        assert cached is not None and cached.startswith(b"done:")  # Redis is guarding again
+        replay = api.transfer(source, destination, 10, key=key)
+        assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
+        assert replay.get_data() == first.get_data()
+    finally:
+        app.extensions["payflow"].close()
+        redis_server.stop()
