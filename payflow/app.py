@@ -18,6 +18,7 @@ from payflow.api import (
     outbox,
     payouts,
     reconciliations,
+    replays,
     settlements,
     transfers,
     webhooks,
@@ -65,13 +66,15 @@ def create_app(config: Config | Mapping | None = None) -> Flask:
                    health, metrics):
         api.register_blueprint(module.blueprint)
     errors.register(app)  # after Api(), which registers a handler of its own
-    auth.register(app)
-    observability.register(app)  # after auth: its route hook goes first anyway
     api.spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer",
                                                        "description": "pf_live_... API key"})
 
     pool = create_pool(config)
     guard = RedisGuard(config)
-    app.extensions["payflow"] = Services(config, pool, guard, Ledger(config, pool, guard),
-                                         RateLimiter(config, guard), KeyCache(config.api_key_cache_seconds))
+    app.extensions["payflow"] = services = Services(
+        config, pool, guard, Ledger(config, pool, guard), RateLimiter(config, guard),
+        KeyCache(config.api_key_cache_seconds))
+    auth.register(app)
+    replays.register(app, services)  # WSGI middleware: after every route exists
+    observability.register(app)  # outermost: it sees every request, replays included
     return app

@@ -9,6 +9,7 @@ from flask_smorest import Blueprint
 
 from payflow import errors, schemas
 from payflow.api.auth import caller, requires
+from payflow.api.replays import answered_before_flask
 from payflow.api.requests import json_body, json_text_response, load, outcome_response
 from payflow.api.services import services
 
@@ -18,6 +19,7 @@ blueprint = Blueprint("accounts", __name__, url_prefix="/v1/accounts",
 
 @blueprint.route("", methods=["POST"])
 @requires("transfers:write")
+@answered_before_flask
 @blueprint.response(201, schemas.AccountSchema)
 @blueprint.alt_response(422, schema=schemas.ApiErrorSchema, description="Validation error")
 @json_body(blueprint, schemas.AccountCreateSchema, idempotency_key="optional")

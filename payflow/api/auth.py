@@ -14,6 +14,9 @@ from payflow.db import wrap_errors
 
 PROTECTED_PREFIX = "/v1/"
 UNKNOWN_OR_REVOKED = "This API key is not valid (unknown or revoked)."
+# The admission replays.ReplayShortcut already made for this request (or the
+# ApiError making it raised): used instead of a second Redis round trip.
+ADMISSION_ENVIRON = "payflow.admission"
 
 
 def requires(scope: str):
@@ -47,7 +50,11 @@ def _authenticate() -> None:
     # One Redis round trip: the rate counter, the key's revocation mark and,
     # for an allowed keyed write, the idempotency key's in-flight lock (or
     # its cached answer).
-    admission = services().rate_limiter.admit(found.key_id, _idempotency_key(view) if allowed else None)
+    admission = request.environ.pop(ADMISSION_ENVIRON, None)
+    if isinstance(admission, errors.ApiError):
+        raise admission
+    if admission is None:
+        admission = services().rate_limiter.admit(found.key_id, _idempotency_key(view) if allowed else None)
     if admission.revoked:
         cache.drop(found.key_id)
         _identify(None)

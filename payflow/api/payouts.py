@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from flask import Response
+from flask import Response, request
 from flask_smorest import Blueprint
 
 from payflow import schemas
@@ -26,8 +26,15 @@ blueprint = Blueprint("payouts", __name__, url_prefix="/v1/payouts",
 @json_body(blueprint, schemas.PayoutCreateSchema, idempotency_key="required")
 def create_payout(body, idempotent_request) -> Response:
     """Accepted at once: the money is held in the clearing account and a worker pays it out."""
-    response = outcome_response(services().ledger.create_payout(idempotent_request, body))
-    if response.status_code == 202:
+    return outcome_response(services().ledger.create_payout(idempotent_request, body))
+
+
+@blueprint.after_request
+def _location(response: Response) -> Response:
+    """Where an accepted payout can be watched. A hook, not the view: a replay
+    of a cached answer never reaches the view (api/requests.json_body)."""
+    if request.method == "POST" and request.url_rule and request.url_rule.rule == "/v1/payouts" and (
+            response.status_code == 202):
         response.headers["Location"] = f"/v1/payouts/{json.loads(response.get_data())['id']}"
     return response
 

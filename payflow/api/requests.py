@@ -31,14 +31,17 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_json_body() -> object:
-    if request.mimetype != "application/json":
-        raise errors.UnsupportedMediaType()
-    raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH
+def decode_json(raw: bytes) -> object:
     try:
         return json.loads(raw, parse_int=_parse_int, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as error:
         raise errors.InvalidJson(details={"reason": str(error)[:200]}) from None
+
+
+def parse_json_body() -> object:
+    if request.mimetype != "application/json":
+        raise errors.UnsupportedMediaType()
+    return decode_json(request.get_data(cache=True))  # get_data raises 413 past MAX_CONTENT_LENGTH
 
 
 def json_body(blueprint, schema_class: type[Schema], idempotency_key: str):

@@ -9,6 +9,7 @@ from flask_smorest import Blueprint
 
 from payflow import metrics, schemas
 from payflow.api.auth import caller, requires
+from payflow.api.replays import answered_before_flask
 from payflow.api.requests import json_body, json_text_response, load, outcome_response
 from payflow.api.services import services
 
@@ -18,6 +19,7 @@ blueprint = Blueprint("transfers", __name__, url_prefix="/v1/transfers",
 
 @blueprint.route("", methods=["POST"])
 @requires("transfers:write")
+@answered_before_flask
 @blueprint.response(201, schemas.TransferSchema)
 @blueprint.alt_response(404, schema=schemas.ApiErrorSchema, description="account_not_found")
 @blueprint.alt_response(409, schema=schemas.ApiErrorSchema, description="idempotency_key_in_use")
