@@ -71,7 +71,7 @@ def key_from_headers(headers, required: bool) -> str | None:
         if required:
             raise errors.IdempotencyKeyMissing()
         return None
-    if not 1 <= len(key) <= KEY_CHARS_MAX or not all(" " <= char <= "~" for char in key):
+    if not 1 <= len(key) <= KEY_CHARS_MAX or not (key.isascii() and key.isprintable()):  # " " to "~"
         raise errors.IdempotencyKeyInvalid(details={"max_length": KEY_CHARS_MAX})
     return key
 

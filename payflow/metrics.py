@@ -47,10 +47,19 @@ POOL_WAIT_SECONDS = Counter("payflow_db_pool_wait_seconds_total", "Time spent wa
 POOL_ERRORS = Counter("payflow_db_pool_connection_errors_total", "Failed connection attempts")
 
 
+# (method, route, status) -> its request counter and latency histogram: labels()
+# validates and locks on every call. Bounded: known methods, routes, statuses.
+_REQUEST_SERIES: dict[tuple[str, str, int], tuple] = {}
+
+
 def observe_request(method: str, route: str, status: int, duration_seconds: float, replayed: bool) -> None:
     method = method if method in KNOWN_METHODS else "OTHER"
-    HTTP_REQUESTS.labels(method, route, str(status)).inc()
-    HTTP_LATENCY.labels(method, route).observe(duration_seconds)
+    series = _REQUEST_SERIES.get((method, route, status))
+    if series is None:
+        series = _REQUEST_SERIES[method, route, status] = (
+            HTTP_REQUESTS.labels(method, route, str(status)), HTTP_LATENCY.labels(method, route))
+    series[0].inc()
+    series[1].observe(duration_seconds)
     if replayed:
         IDEMPOTENT_REPLAYS.inc()
 

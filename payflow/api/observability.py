@@ -33,7 +33,8 @@ SECURITY_HEADERS = (
 
 
 def _request_id(given: str) -> str:
-    if 1 <= len(given) <= REQUEST_ID_CHARS_MAX and all(" " < char <= "~" for char in given):
+    if 1 <= len(given) <= REQUEST_ID_CHARS_MAX and given.isascii() and given.isprintable() and (
+            " " not in given):  # "!" to "~"
         return given
     return uuid.uuid4().hex
 

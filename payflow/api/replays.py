@@ -64,19 +64,21 @@ class ReplayShortcut:
             key = idempotency.key_from_headers(_IdempotencyHeaders(environ), required=False)
         except errors.ApiError:
             return None
-        body = _read_json_body(environ, self._body_bytes_max)
-        if key is None or body is _NOT_JSON:
+        if key is None:
             return None
         try:
             admission = services.rate_limiter.admit(caller.key_id, key)
         except errors.ApiError as error:  # over the rate limit: auth raises it
             environ[ADMISSION_ENVIRON] = error
             return None
+        environ[ADMISSION_ENVIRON] = admission
         completed = admission.lock.completed if admission.lock else None
-        if admission.count is None or completed is None or (
-                completed.fingerprint != idempotency.fingerprint("POST", path, body)):
-            environ[ADMISSION_ENVIRON] = admission
+        if admission.count is None or completed is None:
+            return None  # the common case, a new key: its body is read once, by Flask
+        body = _read_json_body(environ, self._body_bytes_max)
+        if body is _NOT_JSON or completed.fingerprint != idempotency.fingerprint("POST", path, body):
             return None
+        del environ[ADMISSION_ENVIRON]
         environ[ROUTE_ENVIRON], environ[KEY_ID_ENVIRON] = path, caller.key_id
         return completed.status, completed.body.encode()
 
