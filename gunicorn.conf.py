@@ -3,6 +3,8 @@ import os
 import shutil
 import tempfile
 
+from gunicorn.glogging import Logger
+
 from payflow.config import Config
 
 _config = Config.load()
@@ -36,16 +38,32 @@ accesslog = os.environ.get("PAYFLOW_ACCESS_LOG") or None
 errorlog = "-"
 loglevel = "info"
 # gunicorn's own lines in the same JSON shape as payflow's.
+_ACCESS_HANDLER = ({"class": "logging.StreamHandler", "stream": "ext://sys.stdout"} if accesslog == "-"
+                   else {"class": "logging.FileHandler", "filename": accesslog})
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"json": {"()": "payflow.logs.formatter"}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
-                            "stream": "ext://sys.stderr"}},
+                            "stream": "ext://sys.stderr"},
+                 **({"access": {**_ACCESS_HANDLER, "formatter": "json"}} if accesslog else {})},
     "root": {"level": "INFO", "handlers": ["stderr"]},
     "loggers": {"gunicorn.error": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
-                "gunicorn.access": {"handlers": ["stderr"], "level": "INFO", "propagate": False}},
+                "gunicorn.access": {"handlers": ["access"] if accesslog else [], "level": "INFO",
+                                    "propagate": False}},
 }
+
+
+class AccessLogOnlyWhenAsked(Logger):
+    """gunicorn builds an access line for every request whenever a logging
+    dict is configured, whatever `accesslog` says (~0.1 ms of CPU a request)."""
+
+    @property
+    def access_log_enabled(self) -> bool:
+        return bool(self.cfg.accesslog)
+
+
+logger_class = AccessLogOnlyWhenAsked
 
 
 def child_exit(server, worker):

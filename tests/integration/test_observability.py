@@ -88,12 +88,27 @@ def test_metrics_and_logs_under_gunicorn_with_several_workers(database_url, serv
     lines = [line for line in log_path.read_text().splitlines() if line.strip()]
     records = [json.loads(line) for line in lines]  # every line is JSON
     requests = [record for record in records if record.get("logger") == "payflow.request"]
+    assert not [record for record in records if record.get("logger") == "gunicorn.access"]  # off
     transfers = [r for r in requests if r["route"] == "/v1/transfers" and r["status"] == 201]
     assert len(transfers) == 15
     assert {r["request_id"] for r in transfers} >= {f"req-{index}" for index in range(12)}
     assert all(r["key_id"] and r["idempotency_key"] and r["duration_ms"] >= 0 for r in transfers)
     text = log_path.read_text()
     assert api_key not in text and BODY_MARKER not in text
+
+
+def test_gunicorn_access_lines_go_where_payflow_access_log_says(database_url, servers, test_home):
+    access_path = test_home / f"access-{new_key()}.log"
+    server = Gunicorn(database_url, servers["redis"], test_home / f"gunicorn-{new_key()}.log",
+                      PAYFLOW_WEB_WORKERS="1", PAYFLOW_ACCESS_LOG=str(access_path))
+    try:
+        HttpClient(server.base_url).request_text("/health")
+    finally:
+        server.stop()
+    records = [json.loads(line) for line in access_path.read_text().splitlines() if line.strip()]
+    assert any(record["logger"] == "gunicorn.access" and "GET /health" in record["message"]
+               for record in records)
+    assert "gunicorn.access" not in server.log_path.read_text()
 
 
 def test_responses_carry_security_headers_and_a_request_id(client):
