@@ -44,3 +44,10 @@ def cpu_seconds(pids: list[int]) -> float:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
     return total / _TICKS_PER_SECOND
+
+
+def machine_busy_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, all cores (/proc/stat)."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    total = sum(fields[:8])  # guest time is already counted in user
+    return (total - fields[3] - fields[4]) / _TICKS_PER_SECOND, total / _TICKS_PER_SECOND

@@ -38,7 +38,7 @@ from pathlib import Path
 import psycopg
 from psycopg.rows import dict_row
 
-from bench.processes import children, children_peak_rss_mib, cpu_seconds
+from bench.processes import children, children_peak_rss_mib, cpu_seconds, machine_busy_seconds
 from payflow import apikeys, embedded, migrations
 from payflow.audit import full_audit
 
@@ -126,17 +126,25 @@ def start_api(environ: dict, log: Path) -> subprocess.Popen:
 
 
 def drive(plan: dict, workdir: Path, api_pid: int) -> dict:
-    """Runs the load driver; adds the API workers' CPU time per request, a
-    figure the other load on a shared machine barely moves."""
+    """Runs the load driver; adds the API workers' CPU time per request (a
+    figure the other load on a shared machine barely moves), the cores each
+    API worker kept busy (keep-alive connections stay with the worker that
+    accepted them, so the split can be uneven) and the whole machine's."""
     path = workdir / f"plan-{uuid.uuid4().hex}.json"
     path.write_text(json.dumps(plan))
     workers = children(api_pid)
-    cpu_before = cpu_seconds(workers)
+    cpu_before = [cpu_seconds([worker]) for worker in workers]
+    machine_before = machine_busy_seconds()
     output = subprocess.run([sys.executable, "-m", "bench.load", str(path)], cwd=CHECKOUT,
                             capture_output=True, text=True, check=True).stdout
+    machine_after = machine_busy_seconds()
     result = json.loads(output.strip().splitlines()[-1])
-    cpu_used = cpu_seconds(workers) - cpu_before
-    result["api_cpu_ms_per_request"] = round(1000 * cpu_used / max(result["requests"], 1), 3)
+    elapsed_seconds = result["requests"] / max(result["per_second"], 1e-9)
+    cpu_used = [cpu_seconds([worker]) - before for worker, before in zip(workers, cpu_before, strict=True)]
+    result["api_cpu_ms_per_request"] = round(1000 * sum(cpu_used) / max(result["requests"], 1), 3)
+    result["api_worker_cores"] = [round(used / elapsed_seconds, 2) for used in cpu_used]
+    busy, total = (after - before for after, before in zip(machine_after, machine_before, strict=True))
+    result["machine_busy_cores"] = round((os.cpu_count() or 1) * busy / max(total, 1e-9), 2)
     return result
 
 
@@ -234,7 +242,7 @@ def main() -> int:
     columns = ["scenario", "clients", "per_second", "p50_ms", "p99_ms", "max_ms", "errors",
                "ratio_to_ceiling", "ceiling_per_second", "per_statement_ceiling_per_second",
                "cost_vs_transfer", "cpu_cost_vs_transfer", "api_cpu_ms_per_request",
-               "driver_cpu_percent"]
+               "api_worker_cores", "machine_busy_cores", "driver_cpu_percent"]
     print("  ".join(f"{name:>18}" for name in columns))
     for row in rows:
         print("  ".join(f"{str(row.get(name, '')):>18}" for name in columns))
