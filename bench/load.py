@@ -35,11 +35,15 @@ class Client:
         self.api_key = plan["api_keys"][index % len(plan["api_keys"])]
         self.latencies: list[float] = []
         self.errors = self.count = 0
-        self.socket = socket.create_connection((plan["host"], plan["port"]), timeout=30)
+        self.socket: socket.socket | None = None
+        self.buffer = b""
+        self.started = 0.0
+
+    def connect(self) -> None:
+        self.socket = socket.create_connection((self.plan["host"], self.plan["port"]), timeout=30)
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.socket.setblocking(False)
         self.buffer = b""
-        self.started = 0.0
 
     def _next_request(self) -> bytes:
         plan = self.plan
@@ -63,6 +67,8 @@ class Client:
     def send(self) -> None:
         request = self._next_request()
         self.started = time.perf_counter()
+        if self.socket is None:
+            self.connect()
         self.socket.setblocking(True)  # a request is small: the kernel buffer takes it at once
         self.socket.sendall(request)
         self.socket.setblocking(False)
@@ -77,11 +83,13 @@ class Client:
         if end < 0:
             return False
         head = self.buffer[:end].decode("latin-1")
-        length = 0
+        length = None
         for line in head.split("\r\n")[1:]:
             name, _, value = line.partition(":")
             if name.strip().lower() == "content-length":
-                length = int(value)
+                length = int(value)  # ValueError: a broken exchange
+        if length is None:
+            raise ValueError("a response without Content-Length")  # this driver reads no other kind
         if len(self.buffer) < end + 4 + length:
             return False
         self.buffer = self.buffer[end + 4 + length:]
@@ -91,15 +99,14 @@ class Client:
         return True
 
     def fail(self) -> None:
-        """A broken exchange counts as an error; the client reconnects."""
+        """A broken exchange counts as an error; the client drops its connection
+        (the next send makes a new one)."""
         self.latencies.append(time.perf_counter() - self.started)
         self.errors += 1
         self.count += 1
-        self.socket.close()
-        self.socket = socket.create_connection((self.plan["host"], self.plan["port"]), timeout=30)
-        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.socket.setblocking(False)
-        self.buffer = b""
+        if self.socket is not None:
+            self.socket.close()
+        self.socket = None
 
 
 def run(plan: dict) -> dict:
@@ -108,38 +115,54 @@ def run(plan: dict) -> dict:
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     deadline = started + plan["seconds"]
+    waiting: set[Client] = set()  # a request out, its answer not yet in
+
+    def drop(client: Client) -> None:
+        """A broken exchange: an error, and the connection goes."""
+        if client.socket is not None:
+            selector.unregister(client.socket)
+        client.fail()
+
+    def next_request(client: Client) -> None:
+        """Sends the client's next request, until the deadline; a failed send
+        is an error and the client tries again on a new connection."""
+        while time.perf_counter() < deadline:
+            connected = client.socket is not None
+            try:
+                client.send()
+            except OSError:
+                drop(client) if connected else client.fail()
+                time.sleep(0.01)
+                continue
+            if not connected:
+                selector.register(client.socket, selectors.EVENT_READ, client)
+            waiting.add(client)
+            return
+
     for client in clients:
-        client.send()
-        selector.register(client.socket, selectors.EVENT_READ, client)
-    busy = len(clients)
-    while busy:
+        next_request(client)
+    while waiting:
         for key, _ in selector.select(timeout=1.0):
             client = key.data
             try:
                 done = client.receive()
-            except OSError:
-                selector.unregister(key.fileobj)
-                client.fail()
-                selector.register(client.socket, selectors.EVENT_READ, client)
+            except (OSError, ValueError):
+                drop(client)
                 done = True
-            if not done:
-                continue
-            if time.perf_counter() < deadline:
-                client.send()
-            else:
-                selector.unregister(client.socket)
-                client.socket.close()
-                busy -= 1
+            if done:
+                waiting.discard(client)
+                next_request(client)
         if time.perf_counter() > deadline + 30:  # answers that never come are errors
-            for client in clients:
-                if client.socket.fileno() >= 0:
-                    client.errors += 1
-                    client.socket.close()
+            for client in list(waiting):
+                drop(client)
             break
     elapsed = time.perf_counter() - started
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
-    latencies = sorted(latency for client in clients for latency in client.latencies)
+    latencies = sorted(latency for client in clients for latency in client.latencies) or [0.0]
     errors = sum(client.errors for client in clients)
+    for client in clients:
+        if client.socket is not None:
+            client.socket.close()
 
     def percentile(fraction: float) -> float:
         return round(latencies[min(len(latencies) - 1, int(len(latencies) * fraction))] * 1000, 2)

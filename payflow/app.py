@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 
 from flask import Flask
@@ -34,9 +35,17 @@ from payflow.ratelimit import RateLimiter
 
 class PayflowFlask(Flask):
     def ensure_sync(self, func):
-        """No view or hook here is async: skip Flask's per-call check (it
-        inspects every hook and view on every request, ~10 per request)."""
+        """No view or hook here is async (create_app checks): skip Flask's
+        per-call check (it inspects every hook and view, ~10 per request)."""
         return func
+
+
+def _refuse_async(app: Flask) -> None:
+    hooks = (*app.before_request_funcs.values(), *app.after_request_funcs.values(),
+             *app.teardown_request_funcs.values())
+    for func in (*app.view_functions.values(), *(func for funcs in hooks for func in funcs)):
+        if inspect.iscoroutinefunction(func):
+            raise RuntimeError(f"{func.__qualname__} is async; PayflowFlask.ensure_sync runs no coroutine")
 
 
 class PayflowApi(Api):
@@ -77,4 +86,5 @@ def create_app(config: Config | Mapping | None = None) -> Flask:
     auth.register(app)
     replays.register(app, services)  # WSGI middleware: after every route exists
     observability.register(app)  # outermost: it sees every request, replays included
+    _refuse_async(app)
     return app

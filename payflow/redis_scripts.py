@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import weakref
 from dataclasses import dataclass
 
 import redis
@@ -23,12 +24,21 @@ class Script:
     sha: str
 
 
+def _stale(connection: redis.Connection) -> bool:
+    try:
+        return connection.can_read()  # one poll; True at EOF
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return True
+
+
 class ScriptRunner:
     def __init__(self, client: redis.Redis) -> None:
         pool = client.connection_pool
         self._connection_class, self._connection_kwargs = pool.connection_class, dict(pool.connection_kwargs)
         self._local = threading.local()
-        self._connections: list[redis.Connection] = []  # every thread's, for close()
+        # Every live thread's connection, for close(); a finished thread's goes with it.
+        self._connections: weakref.WeakSet = weakref.WeakSet()
+        self._generation = 0  # bumped by close(): older connections are not used again
         self._lock = threading.Lock()
 
     @staticmethod
@@ -37,15 +47,22 @@ class ScriptRunner:
 
     def _connection(self) -> redis.Connection:
         connection = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = self._local.connection = self._connection_class(**self._connection_kwargs)
+        if connection is None or self._local.generation != self._generation:
+            connection = self._connection_class(**self._connection_kwargs)
+            self._local.connection, self._local.generation = connection, self._generation
             with self._lock:
-                self._connections.append(connection)
+                self._connections.add(connection)
+        elif connection._sock is not None and _stale(connection):
+            # Readable while no reply is due: the server closed it (a restart,
+            # its idle timeout). Reconnect now rather than fail this request;
+            # redis-py's pool makes the same check when it hands one out.
+            connection.disconnect()
         return connection
 
     def run(self, script: Script, keys: list, args: list):
-        """The script's reply; raises redis.RedisError (the connection is then
-        dropped, and the next call on this thread connects afresh)."""
+        """The script's reply; raises redis.RedisError. After anything but an
+        error reply the connection is dropped (a reply may still be in flight)
+        and the next call on this thread connects afresh."""
         connection = self._connection()
         try:
             connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
@@ -54,13 +71,15 @@ class ScriptRunner:
             except redis.exceptions.NoScriptError:  # a restarted or flushed Redis
                 connection.send_command("EVAL", script.text, len(keys), *keys, *args)
                 return connection.read_response()
+        except redis.exceptions.ResponseError:
+            raise  # an error reply, read whole: the connection is fine
         except BaseException:
-            # A timeout may leave a reply in flight: never reuse the connection.
             connection.disconnect()
             raise
 
     def close(self) -> None:
         with self._lock:
-            connections, self._connections = self._connections, []
+            self._generation += 1
+            connections, self._connections = list(self._connections), weakref.WeakSet()
         for connection in connections:
             connection.disconnect()

@@ -34,6 +34,9 @@ def caller() -> apikeys.Caller | None:
 def _authenticate() -> None:
     if not request.path.startswith(PROTECTED_PREFIX):
         return
+    handed = request.environ.pop(ADMISSION_ENVIRON, None)
+    if isinstance(handed, idempotency.Admission):
+        g.in_flight = handed.lock  # released at teardown if this request fails before using it
     scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise errors.Unauthorized()
@@ -50,11 +53,10 @@ def _authenticate() -> None:
     # One Redis round trip: the rate counter, the key's revocation mark and,
     # for an allowed keyed write, the idempotency key's in-flight lock (or
     # its cached answer).
-    admission = request.environ.pop(ADMISSION_ENVIRON, None)
-    if isinstance(admission, errors.ApiError):
-        raise admission
-    if admission is None:
-        admission = services().rate_limiter.admit(found.key_id, _idempotency_key(view) if allowed else None)
+    if isinstance(handed, errors.ApiError):
+        raise handed
+    admission = handed or services().rate_limiter.admit(found.key_id,
+                                                         _idempotency_key(view) if allowed else None)
     if admission.revoked:
         cache.drop(found.key_id)
         _identify(None)

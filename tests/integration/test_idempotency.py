@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from payflow import embedded
+from payflow.idempotency import RedisGuard
 from tests.conftest import make_app, make_config
 from tests.helpers import (
     JSON,
@@ -261,13 +262,13 @@ def test_a_replay_inside_the_cache_window_needs_no_database(funded, db, app):
 
 
 def test_a_restarted_redis_is_used_again_with_its_scripts_reloaded(database_url, test_home, db):
-    """Each request thread keeps its own Redis connection (redis_scripts): a
-    Redis restart breaks it and forgets the scripts; the next requests are
-    served from PostgreSQL, then Redis guards them again on fresh connections."""
+    """Each request thread keeps its own Redis connection (redis_scripts): after
+    a Redis restart (connections closed, scripts forgotten) the next request
+    reconnects, reloads the script and is guarded as before: no failure, no
+    fall back to PostgreSQL alone."""
     redis_server = embedded.EmbeddedRedis(test_home / f"redis-{new_key()}")
     redis_server.start()
-    app = make_app(make_config(database_url, redis_server.url, redis_timeout_ms=200,
-                               redis_retry_after_failure_seconds=0.2))
+    app = make_app(make_config(database_url, redis_server.url, redis_timeout_ms=200))
     try:
         api = Api(app.test_client())
         world = create_system_account(db)
@@ -277,15 +278,44 @@ def test_a_restarted_redis_is_used_again_with_its_scripts_reloaded(database_url,
         redis_server.stop()
         redis_server.start()  # same port, empty, no scripts loaded
         first = api.transfer(source, destination, 10, key=(key := new_key()))
-        assert first.status_code == 201  # Redis failed once: PostgreSQL alone decided
-        time.sleep(0.3)  # past redis_retry_after_failure_seconds
-        second = api.transfer(source, destination, 10, key=(other := new_key()))
-        assert second.status_code == 201
-        cached = guard._client.get(guard._name(app.config["TEST_API_KEY_ID"], "idem", other))
-        assert cached is not None and cached.startswith(b"done:")  # Redis is guarding again
+        assert first.status_code == 201 and guard.available  # Redis did not fail
+        cached = guard._client.get(guard._name(app.config["TEST_API_KEY_ID"], "idem", key))
+        assert cached is not None and cached.startswith(b"done:")  # Redis guarded it
         replay = api.transfer(source, destination, 10, key=key)
         assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
         assert replay.get_data() == first.get_data()
     finally:
         app.extensions["payflow"].close()
         redis_server.stop()
+
+
+def test_a_redis_restart_costs_no_thread_a_failed_call(test_home):
+    """(From a review: every thread's first call after a restart used to fail
+    and open the process-wide breaker, one thread after another.)"""
+    server = embedded.EmbeddedRedis(test_home / f"redis-{new_key()}")
+    server.start()
+    guard = RedisGuard(make_config("postgresql://unused/unused", server.url,
+                                   redis_retry_after_failure_seconds=0.2))
+    warm, go, counts = threading.Barrier(5), threading.Event(), {}
+
+    def worker(index: int) -> None:
+        guard.admit("scope", None, 0, 60, 0)  # this thread's connection exists
+        warm.wait()
+        go.wait()
+        time.sleep(0.3 * index)  # one after another, each past the breaker's window
+        counts[index] = guard.admit("scope", None, 0, 60, 0).count
+
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        warm.wait()
+        server.stop()
+        server.start()
+        go.set()
+        for thread in threads:
+            thread.join()
+    finally:
+        guard.close()
+        server.stop()
+    assert sorted(counts) == [0, 1, 2, 3] and None not in counts.values()  # None: Redis failed

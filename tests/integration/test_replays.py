@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from payflow import errors
+from payflow.api import auth
 from tests.conftest import make_app, make_config, new_api_key
 from tests.helpers import JSON, Api, assert_error, create_system_account, new_key
 
@@ -188,3 +190,19 @@ def test_a_payout_replay_keeps_its_location_header(setup):
     again = client.post("/v1/payouts", json=body, headers={**JSON, "X-Idempotency-Key": key})
     assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
     assert again.headers["Location"] == first.headers["Location"]
+
+
+def test_a_lock_handed_to_flask_is_released_when_authentication_fails(setup, monkeypatch):
+    """(From a review.) The shortcut took a new key's lock and handed it on;
+    the key then dropped out of the cache and the database was unreachable:
+    503, and the key must not stay locked for its retry."""
+    app, api, source, destination = setup
+    cache, real_get, calls = app.extensions["payflow"].key_cache, None, []
+    real_get = cache.get
+    monkeypatch.setattr(cache, "get", lambda secret: calls.append(1) or (
+        real_get(secret) if len(calls) == 1 else None))  # cached for the shortcut only
+    monkeypatch.setattr(auth, "_from_database", lambda secret: (_ for _ in ()).throw(errors.Unavailable()))
+    client, key = app.test_client(), new_key()
+    assert_error(transfer(client, source, destination, key), 503, "unavailable")
+    monkeypatch.undo()
+    assert transfer(client, source, destination, key).status_code == 201  # not 409 in use

@@ -74,3 +74,23 @@ def test_every_error_has_a_default_message_and_code():
     for error_class in errors.ApiError.__subclasses__():
         error = error_class()
         assert error.message and error.code and 400 <= error.status < 600
+
+
+def test_an_async_view_is_refused_at_start_up():
+    """PayflowFlask skips Flask's per-request coroutine check, so create_app
+    refuses what that check would have run."""
+    import flask
+
+    from payflow.app import _refuse_async
+
+    app = flask.Flask("async-check")
+
+    @app.get("/")
+    async def view():
+        return ""
+
+    with pytest.raises(RuntimeError, match="async"):
+        _refuse_async(app)
+    sync_only = flask.Flask("sync-check")
+    sync_only.get("/")(lambda: "")
+    _refuse_async(sync_only)
