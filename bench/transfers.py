@@ -145,6 +145,8 @@ def drive(plan: dict, workdir: Path, api_pid: int) -> dict:
     result["api_worker_cores"] = [round(used / elapsed_seconds, 2) for used in cpu_used]
     busy, total = (after - before for after, before in zip(machine_after, machine_before, strict=True))
     result["machine_busy_cores"] = round((os.cpu_count() or 1) * busy / max(total, 1e-9), 2)
+    # Everything the request cost the machine: API, PostgreSQL, Redis, driver.
+    result["machine_cpu_ms_per_request"] = round(1000 * busy / max(result["requests"], 1), 3)
     return result
 
 
@@ -152,6 +154,7 @@ def pgbench(bin_dir: Path, url: str, clients: int, seconds: int, accounts: int, 
             workdir: Path, form: str = "single-call") -> dict:
     script = workdir / f"pgbench-{form}-{'hot' if hot else 'uniform'}.sql"
     script.write_text(PGBENCH_FORMS[form].read_text() % {"source": "0" if hot else ":a"})
+    machine_before = machine_busy_seconds()
     result = subprocess.run(
         [str(bin_dir / "pgbench"), "-n", "-M", "prepared", "-c", str(clients),
          "-j", str(min(clients, os.cpu_count() or 1)), "-T", str(seconds), "-D",
@@ -162,8 +165,11 @@ def pgbench(bin_dir: Path, url: str, clients: int, seconds: int, accounts: int, 
     failed = re.search(r"number of failed transactions: (\d+)", result.stdout)
     if result.returncode != 0 or not tps:
         raise RuntimeError(result.stdout + result.stderr)
+    busy, total = (after - before for after, before in zip(machine_busy_seconds(), machine_before,
+                                                            strict=True))
     return {"per_second": float(tps[1]), "latency_avg_ms": float(latency[1]) if latency else None,
-            "errors": int(failed[1]) if failed else 0}
+            "errors": int(failed[1]) if failed else 0,
+            "machine_busy_cores": round((os.cpu_count() or 1) * busy / max(total, 1e-9), 2)}
 
 
 def replay_keys(port: int, api_key: str, accounts: list[str], count: int) -> list:
@@ -220,6 +226,7 @@ def main() -> int:
                     ratio = round(result["per_second"] / ceiling["per_second"], 3)
                     rows.append({"scenario": scenario, "clients": clients, **result,
                                  "ceiling_per_second": ceiling["per_second"],
+                                 "ceiling_machine_busy_cores": ceiling["machine_busy_cores"],
                                  "ratio_to_ceiling": ratio,
                                  "per_statement_ceiling_per_second": statements["per_second"],
                                  "ceiling_errors": ceiling["errors"] + statements["errors"]})
@@ -233,16 +240,20 @@ def main() -> int:
             rows.append({"scenario": "idempotent-replay", "clients": clients, **replay,
                          "cost_vs_transfer": round(uniform["per_second"] / replay["per_second"], 3),
                          "cpu_cost_vs_transfer": round(replay["api_cpu_ms_per_request"]
-                                                       / uniform["api_cpu_ms_per_request"], 3)})
+                                                       / uniform["api_cpu_ms_per_request"], 3),
+                         "machine_cpu_cost_vs_transfer": round(replay["machine_cpu_ms_per_request"]
+                                                               / uniform["machine_cpu_ms_per_request"], 3)})
             memory = {"api_worker_peak_rss_mib": children_peak_rss_mib(api.pid)}
         finally:
             api.terminate()
             api.wait(timeout=60)
 
     columns = ["scenario", "clients", "per_second", "p50_ms", "p99_ms", "max_ms", "errors",
-               "ratio_to_ceiling", "ceiling_per_second", "per_statement_ceiling_per_second",
-               "cost_vs_transfer", "cpu_cost_vs_transfer", "api_cpu_ms_per_request",
-               "api_worker_cores", "machine_busy_cores", "driver_cpu_percent"]
+               "ratio_to_ceiling", "ceiling_per_second", "ceiling_machine_busy_cores",
+               "per_statement_ceiling_per_second",
+               "cost_vs_transfer", "cpu_cost_vs_transfer", "machine_cpu_cost_vs_transfer",
+               "api_cpu_ms_per_request", "machine_cpu_ms_per_request", "api_worker_cores",
+               "machine_busy_cores", "driver_cpu_percent"]
     print("  ".join(f"{name:>18}" for name in columns))
     for row in rows:
         print("  ".join(f"{str(row.get(name, '')):>18}" for name in columns))
