@@ -8,8 +8,6 @@ import time
 
 import pytest
 
-from payflow import errors
-from payflow.api import auth
 from tests.conftest import make_app, make_config, new_api_key
 from tests.helpers import JSON, Api, assert_error, create_system_account, new_key
 
@@ -192,17 +190,27 @@ def test_a_payout_replay_keeps_its_location_header(setup):
     assert again.headers["Location"] == first.headers["Location"]
 
 
-def test_a_lock_handed_to_flask_is_released_when_authentication_fails(setup, monkeypatch):
+def test_a_lock_handed_to_flask_is_released_when_authentication_fails(database_url, servers, db,
+                                                                     monkeypatch):
     """(From a review.) The shortcut took a new key's lock and handed it on;
-    the key then dropped out of the cache and the database was unreachable:
-    503, and the key must not stay locked for its retry."""
-    app, api, source, destination = setup
-    cache, real_get, calls = app.extensions["payflow"].key_cache, None, []
-    real_get = cache.get
-    monkeypatch.setattr(cache, "get", lambda secret: calls.append(1) or (
-        real_get(secret) if len(calls) == 1 else None))  # cached for the shortcut only
-    monkeypatch.setattr(auth, "_from_database", lambda secret: (_ for _ in ()).throw(errors.Unavailable()))
-    client, key = app.test_client(), new_key()
-    assert_error(transfer(client, source, destination, key), 503, "unavailable")
-    monkeypatch.undo()
-    assert transfer(client, source, destination, key).status_code == 201  # not 409 in use
+    the API key then dropped out of the cache and no database connection was
+    free: 503, and the key must not stay locked for its retry."""
+    app = watched_app(make_config(database_url, servers["redis"], pool_size_max=2,
+                                  pool_wait_timeout_seconds=0.2))
+    try:
+        api = Api(app.test_client())
+        world = create_system_account(db)
+        source = api.create_account()  # the API key is cached now
+        services = app.extensions["payflow"]
+        real_get, calls = services.key_cache.get, []
+        monkeypatch.setattr(services.key_cache, "get", lambda secret: calls.append(1) or (
+            real_get(secret) if len(calls) == 1 else None))  # its TTL ends between the two reads
+        held = [services.pool.getconn() for _ in range(2)]  # the database is out of reach
+        client, key = app.test_client(), new_key()
+        assert_error(transfer(client, world, source, key), 503, "unavailable")
+        for conn in held:
+            services.pool.putconn(conn)
+        monkeypatch.undo()
+        assert transfer(client, world, source, key).status_code == 201  # not 409 in use
+    finally:
+        app.extensions["payflow"].close()
