@@ -23,7 +23,8 @@ else:  # the operator's folder: empty it, so no old run's samples count again
 bind = f"{_config.host}:{_config.port}"
 # gthread: each process serves `threads` requests at once with one small pool;
 # the pool's max size matches the thread count so no thread waits on another.
-worker_class = "gthread"
+# (payflow's subclass answers requests gunicorn cannot parse in JSON.)
+worker_class = "payflow.web_worker.JsonErrorThreadWorker"
 workers = int(os.environ.get("PAYFLOW_WEB_WORKERS", (os.cpu_count() or 1)))
 threads = int(os.environ.get("PAYFLOW_WEB_THREADS", _config.pool_size_max))
 # SIGTERM lets in-flight requests finish for up to this long.

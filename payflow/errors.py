@@ -54,6 +54,13 @@ class InvalidJson(ApiError):
     status, code = 400, "invalid_json"
 
 
+class UnreadableBody(ApiError):
+    """The request body could not be read (a malformed chunked encoding, or
+    the client went away mid-body)."""
+
+    status, code = 400, "unreadable_body"
+
+
 class ValidationFailed(ApiError):
     """The request does not match the schema; see details."""
 

@@ -23,10 +23,13 @@ _HTTP_CODES = {
 }
 
 
+def error_body(code: str, message: str, details: dict | None = None) -> str:
+    return json.dumps({"error": {"code": code, "message": message, "details": details or {}}})
+
+
 def error_response(status: int, code: str, message: str, details: dict | None = None,
                    retry_after_seconds: int | None = None) -> Response:
-    body = {"error": {"code": code, "message": message, "details": details or {}}}
-    response = Response(json.dumps(body), status=status, mimetype="application/json")
+    response = Response(error_body(code, message, details), status=status, mimetype="application/json")
     if retry_after_seconds is not None:
         response.headers["Retry-After"] = str(retry_after_seconds)
     return response

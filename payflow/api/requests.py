@@ -9,6 +9,7 @@ import json
 
 from flask import Response, request
 from marshmallow import Schema
+from werkzeug.exceptions import HTTPException
 
 from payflow import errors, idempotency
 from payflow.api.auth import caller, in_flight
@@ -41,7 +42,13 @@ def decode_json(raw: bytes) -> object:
 def parse_json_body() -> object:
     if request.mimetype != "application/json":
         raise errors.UnsupportedMediaType()
-    return decode_json(request.get_data(cache=True))  # get_data raises 413 past MAX_CONTENT_LENGTH
+    try:
+        raw = request.get_data(cache=True)
+    except HTTPException:
+        raise  # 413 past MAX_CONTENT_LENGTH
+    except Exception as error:  # noqa: BLE001 - whatever the server's input stream raises
+        raise errors.UnreadableBody(details={"reason": str(error)[:200]}) from None
+    return decode_json(raw)
 
 
 def json_body(blueprint, schema_class: type[Schema], idempotency_key: str):
