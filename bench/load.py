@@ -3,8 +3,13 @@
     python -m bench.load PLAN.json  ->  prints one JSON result line
 
 Each client keeps one keep-alive connection and sends its next request as soon
-as the last one answered, for `seconds`. The driver reports its own CPU time,
-so a run can tell whether the driver was the bottleneck.
+as the last one answered. The clients join one by one over `ramp_seconds`
+(a burst of connections at once tends to land on one gunicorn worker, whose
+keep-alive connections then stay with it: one process, one GIL, while the
+other idles); then `seconds` are measured. Over that window the driver reports
+its own CPU time (so a run can tell whether the driver was the bottleneck),
+the CPU time of the processes in `watch_pids` (the API workers) and the whole
+machine's busy time.
 
 On a 2-core machine the driver competes with the API for CPU, so it is kept
 lean: one thread, non-blocking sockets under one selector, requests written as
@@ -22,6 +27,8 @@ import socket
 import sys
 import time
 import uuid
+
+from bench.processes import cpu_seconds, machine_busy_seconds
 
 HEADER_END = b"\r\n\r\n"
 
@@ -109,13 +116,41 @@ class Client:
         self.socket = None
 
 
+class Window:
+    """CPU use between two instants: the driver's, each watched process's and
+    the whole machine's."""
+
+    def __init__(self, watch_pids: list[int]) -> None:
+        self.watch_pids = watch_pids
+        self.started = time.perf_counter()
+        self._driver = _own_cpu_seconds()
+        self._watched = [cpu_seconds([pid]) for pid in watch_pids]
+        self._machine = machine_busy_seconds()
+
+    def close(self) -> dict:
+        elapsed = time.perf_counter() - self.started
+        watched = [cpu_seconds([pid]) - before
+                   for pid, before in zip(self.watch_pids, self._watched, strict=True)]
+        busy, total = (after - before
+                       for after, before in zip(machine_busy_seconds(), self._machine, strict=True))
+        return {"seconds": elapsed, "driver_cpu_seconds": _own_cpu_seconds() - self._driver,
+                "watched_cpu_seconds": watched, "machine_busy_seconds": busy, "machine_total_seconds": total}
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run(plan: dict) -> dict:
     clients = [Client(plan, index) for index in range(plan["clients"])]
     selector = selectors.DefaultSelector()
-    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+    ramp_seconds = plan.get("ramp_seconds", 0.0)
     started = time.perf_counter()
-    deadline = started + plan["seconds"]
+    deadline = started + ramp_seconds + plan["seconds"]
+    joining = list(clients)  # not yet connected, in the order they join
     waiting: set[Client] = set()  # a request out, its answer not yet in
+    window: Window | None = None
 
     def drop(client: Client) -> None:
         """A broken exchange: an error, and the connection goes."""
@@ -139,10 +174,17 @@ def run(plan: dict) -> dict:
             waiting.add(client)
             return
 
-    for client in clients:
-        next_request(client)
-    while waiting:
-        for key, _ in selector.select(timeout=1.0):
+    while waiting or joining or window is None:
+        now = time.perf_counter()
+        if joining and now >= started + ramp_seconds * (len(clients) - len(joining)) / len(clients):
+            next_request(joining.pop(0))
+            continue
+        if window is None and not joining and now >= started + ramp_seconds:
+            # Measured from here: what the ramp answered does not count (its errors do).
+            for client in clients:
+                client.latencies.clear()
+            window = Window(plan.get("watch_pids", []))
+        for key, _ in selector.select(timeout=0.005 if joining or window is None else 1.0):
             client = key.data
             try:
                 done = client.receive()
@@ -156,22 +198,23 @@ def run(plan: dict) -> dict:
             for client in list(waiting):
                 drop(client)
             break
-    elapsed = time.perf_counter() - started
-    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
-    latencies = sorted(latency for client in clients for latency in client.latencies) or [0.0]
+    used = window.close()
+    latencies = sorted(latency for client in clients for latency in client.latencies)
     errors = sum(client.errors for client in clients)
     for client in clients:
         if client.socket is not None:
             client.socket.close()
 
     def percentile(fraction: float) -> float:
+        if not latencies:
+            return 0.0
         return round(latencies[min(len(latencies) - 1, int(len(latencies) * fraction))] * 1000, 2)
 
-    cpu_seconds = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     return {"requests": len(latencies), "errors": errors,
-            "per_second": round(len(latencies) / elapsed, 1),
+            "per_second": round(len(latencies) / used["seconds"], 1),
             "p50_ms": percentile(0.50), "p99_ms": percentile(0.99), "max_ms": percentile(1.0),
-            "driver_cpu_percent": round(100 * cpu_seconds / elapsed, 1)}
+            "driver_cpu_percent": round(100 * used["driver_cpu_seconds"] / used["seconds"], 1),
+            "window": used}
 
 
 if __name__ == "__main__":

@@ -38,13 +38,16 @@ from pathlib import Path
 import psycopg
 from psycopg.rows import dict_row
 
-from bench.processes import children, children_peak_rss_mib, cpu_seconds, machine_busy_seconds
+from bench.processes import children, children_peak_rss_mib, machine_busy_seconds
 from payflow import apikeys, embedded, migrations
 from payflow.audit import full_audit
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 RESULTS = CHECKOUT / "bench" / "results"
 OPENING_BALANCE = 10**9  # minor units per account: nobody runs dry during a run
+# The load driver's clients join one by one over this long before a run is
+# measured (bench/load.py), as a service's connection pool warms up.
+RAMP_SECONDS = 1.0
 
 # pgbench scripts: the transfer transaction as one call (payflow's form) and
 # as one statement per round trip; "%(source)s" is :a (uniform) or 0 (hot).
@@ -126,27 +129,26 @@ def start_api(environ: dict, log: Path) -> subprocess.Popen:
 
 
 def drive(plan: dict, workdir: Path, api_pid: int) -> dict:
-    """Runs the load driver; adds the API workers' CPU time per request (a
-    figure the other load on a shared machine barely moves), the cores each
-    API worker kept busy (keep-alive connections stay with the worker that
-    accepted them, so the split can be uneven) and the whole machine's."""
+    """Runs the load driver (clients joining over RAMP_SECONDS, then the
+    measured window); adds, over that window, the API workers' CPU time per
+    request (a figure the other load on a shared machine barely moves), the
+    cores each API worker kept busy (keep-alive connections stay with the
+    worker that accepted them, so the split can be uneven) and the whole
+    machine's."""
     path = workdir / f"plan-{uuid.uuid4().hex}.json"
-    path.write_text(json.dumps(plan))
-    workers = children(api_pid)
-    cpu_before = [cpu_seconds([worker]) for worker in workers]
-    machine_before = machine_busy_seconds()
+    path.write_text(json.dumps({"ramp_seconds": RAMP_SECONDS, **plan, "watch_pids": children(api_pid)}))
     output = subprocess.run([sys.executable, "-m", "bench.load", str(path)], cwd=CHECKOUT,
                             capture_output=True, text=True, check=True).stdout
-    machine_after = machine_busy_seconds()
     result = json.loads(output.strip().splitlines()[-1])
-    elapsed_seconds = result["requests"] / max(result["per_second"], 1e-9)
-    cpu_used = [cpu_seconds([worker]) - before for worker, before in zip(workers, cpu_before, strict=True)]
-    result["api_cpu_ms_per_request"] = round(1000 * sum(cpu_used) / max(result["requests"], 1), 3)
-    result["api_worker_cores"] = [round(used / elapsed_seconds, 2) for used in cpu_used]
-    busy, total = (after - before for after, before in zip(machine_after, machine_before, strict=True))
-    result["machine_busy_cores"] = round((os.cpu_count() or 1) * busy / max(total, 1e-9), 2)
+    window = result.pop("window")
+    requests = max(result["requests"], 1)
+    result["api_cpu_ms_per_request"] = round(1000 * sum(window["watched_cpu_seconds"]) / requests, 3)
+    result["api_worker_cores"] = [round(used / window["seconds"], 2)
+                                  for used in window["watched_cpu_seconds"]]
+    busy_share = window["machine_busy_seconds"] / max(window["machine_total_seconds"], 1e-9)
+    result["machine_busy_cores"] = round((os.cpu_count() or 1) * busy_share, 2)
     # Everything the request cost the machine: API, PostgreSQL, Redis, driver.
-    result["machine_cpu_ms_per_request"] = round(1000 * busy / max(result["requests"], 1), 3)
+    result["machine_cpu_ms_per_request"] = round(1000 * window["machine_busy_seconds"] / requests, 3)
     return result
 
 
