@@ -55,8 +55,7 @@ class InvalidJson(ApiError):
 
 
 class UnreadableBody(ApiError):
-    """The request body could not be read (a malformed chunked encoding, or
-    the client went away mid-body)."""
+    """The request body could not be read (its chunked encoding is malformed)."""
 
     status, code = 400, "unreadable_body"
 

@@ -10,6 +10,9 @@ which status each parse error gets; only the page it writes is replaced.
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
+from gunicorn.http.errors import ParseException
 from gunicorn.workers.gthread import ThreadWorker
 
 from payflow.api.errors import error_body
@@ -22,7 +25,7 @@ _CODES = {
     414: "uri_too_long",
     417: "expectation_failed",
     431: "header_fields_too_large",
-    501: "not_implemented",
+    501: "not_implemented",  # a Transfer-Encoding gunicorn does not support
 }
 
 
@@ -30,11 +33,21 @@ class JsonErrorThreadWorker(ThreadWorker):
     def handle_error(self, req, client, addr, exc):
         super().handle_error(req, _JsonErrorPage(client, exc), addr, exc)
 
+    def _keepalive_after(self, conn, keepalive):
+        """gthread reads what a view left of the body before the next request
+        on the connection; a malformed chunked body then fails after the
+        view's answer went out, and gunicorn would send a second, unasked-for
+        error response. The connection is closed instead."""
+        try:
+            return super()._keepalive_after(conn, keepalive)
+        except ParseException:
+            return False
+
 
 class _JsonErrorPage:
     """Stands in for the client's socket while gunicorn writes its error
-    page (gunicorn.util.write_error): the page's status line is kept, the
-    rest is ours."""
+    page (gunicorn.util.write_error): the page's status is kept, the rest is
+    ours."""
 
     def __init__(self, sock, error: BaseException) -> None:
         self._sock = sock
@@ -47,17 +60,18 @@ class _JsonErrorPage:
         self._sock.setblocking(flag)
 
     def sendall(self, page: bytes) -> None:
-        status_line = page.split(b"\r\n", 1)[0].decode("latin-1")  # "HTTP/1.1 400 Bad Request"
-        _, status, reason = status_line.split(" ", 2)
-        if int(status) < 500:
-            code = _CODES.get(int(status), "bad_request")
-            message = f"{reason}: this HTTP request cannot be read ({self._error})."
-        else:  # gunicorn's own trouble, not the client's: its log has the details
+        status = int(page.split(b" ", 2)[1])  # "HTTP/1.1 400 Bad Request\r\n..."
+        if status == 500:  # gunicorn's own trouble, not the client's: its log has the details
             code, message = "internal_error", "An unexpected error happened; it is logged."
+        else:
+            code = _CODES.get(status, "bad_request")
+            message = f"This HTTP request cannot be read: {self._error}"
         if len(message) > MESSAGE_CHARS_MAX:
             message = message[: MESSAGE_CHARS_MAX - 3] + "..."
         body = error_body(code, message).encode()
         headers = [("Connection", "close"), ("Content-Type", "application/json"),
                    ("Content-Length", str(len(body))), *SECURITY_HEADERS]
-        head = f"{status_line}\r\n" + "".join(f"{name}: {value}\r\n" for name, value in headers) + "\r\n"
+        reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+        head = f"HTTP/1.1 {status} {reason}\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in headers) + "\r\n"
         self._sock.sendall(head.encode("latin-1") + body)

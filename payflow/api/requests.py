@@ -8,8 +8,8 @@ import functools
 import json
 
 from flask import Response, request
+from gunicorn.http.errors import ParseException
 from marshmallow import Schema
-from werkzeug.exceptions import HTTPException
 
 from payflow import errors, idempotency
 from payflow.api.auth import caller, in_flight
@@ -43,10 +43,11 @@ def parse_json_body() -> object:
     if request.mimetype != "application/json":
         raise errors.UnsupportedMediaType()
     try:
+        # 413 past MAX_CONTENT_LENGTH and 400 for a client gone mid-body come
+        # from werkzeug (HTTPException); gunicorn raises its parse errors here
+        # when a chunked body is malformed.
         raw = request.get_data(cache=True)
-    except HTTPException:
-        raise  # 413 past MAX_CONTENT_LENGTH
-    except Exception as error:  # noqa: BLE001 - whatever the server's input stream raises
+    except ParseException as error:
         raise errors.UnreadableBody(details={"reason": str(error)[:200]}) from None
     return decode_json(raw)
 
