@@ -9,7 +9,9 @@ keep-alive connections then stay with it: one process, one GIL, while the
 other idles); then `seconds` are measured. Over that window the driver reports
 its own CPU time (so a run can tell whether the driver was the bottleneck),
 the CPU time of the processes in `watch_pids` (the API workers) and the whole
-machine's busy time.
+machine's busy time. `requests` and the latencies are the window's answers;
+`errors` are the window's non-201 answers and broken exchanges, `ramp_errors`
+the ramp's.
 
 On a 2-core machine the driver competes with the API for CPU, so it is kept
 lean: one thread, non-blocking sockets under one selector, requests written as
@@ -31,6 +33,8 @@ import uuid
 from bench.processes import cpu_seconds, machine_busy_seconds
 
 HEADER_END = b"\r\n\r\n"
+RETRY_SECONDS = 0.01  # after a failed send
+ANSWER_WAIT_SECONDS = 30  # past the deadline, an answer still out is an error
 
 
 class Client:
@@ -41,7 +45,7 @@ class Client:
         self.rng = random.Random(index)
         self.api_key = plan["api_keys"][index % len(plan["api_keys"])]
         self.latencies: list[float] = []
-        self.errors = self.count = 0
+        self.errors = self.ramp_errors = self.count = 0
         self.socket: socket.socket | None = None
         self.buffer = b""
         self.started = 0.0
@@ -106,14 +110,17 @@ class Client:
         return True
 
     def fail(self) -> None:
-        """A broken exchange counts as an error; the client drops its connection
-        (the next send makes a new one)."""
-        self.latencies.append(time.perf_counter() - self.started)
+        """A broken exchange counts as an error (not as an answered request);
+        the client drops its connection (the next send makes a new one)."""
         self.errors += 1
         self.count += 1
         if self.socket is not None:
             self.socket.close()
         self.socket = None
+
+    def start_window(self) -> None:
+        self.latencies.clear()
+        self.ramp_errors, self.errors = self.ramp_errors + self.errors, 0
 
 
 class Window:
@@ -147,8 +154,11 @@ def run(plan: dict) -> dict:
     selector = selectors.DefaultSelector()
     ramp_seconds = plan.get("ramp_seconds", 0.0)
     started = time.perf_counter()
-    deadline = started + ramp_seconds + plan["seconds"]
-    joining = list(clients)  # not yet connected, in the order they join
+    measured_from = started + ramp_seconds
+    deadline = measured_from + plan["seconds"]
+    # Clients with no request out, and when each sends next: its turn to join,
+    # or a retry after a failed send.
+    due = {client: started + ramp_seconds * index / len(clients) for index, client in enumerate(clients)}
     waiting: set[Client] = set()  # a request out, its answer not yet in
     window: Window | None = None
 
@@ -158,33 +168,41 @@ def run(plan: dict) -> dict:
             selector.unregister(client.socket)
         client.fail()
 
-    def next_request(client: Client) -> None:
-        """Sends the client's next request, until the deadline; a failed send
-        is an error and the client tries again on a new connection."""
-        while time.perf_counter() < deadline:
-            connected = client.socket is not None
-            try:
-                client.send()
-            except OSError:
-                drop(client) if connected else client.fail()
-                time.sleep(0.01)
-                continue
-            if not connected:
-                selector.register(client.socket, selectors.EVENT_READ, client)
-            waiting.add(client)
+    def send(client: Client) -> None:
+        """A failed send is an error; the client retries on a new connection."""
+        connected = client.socket is not None
+        try:
+            client.send()
+        except OSError:
+            drop(client) if connected else client.fail()
+            due[client] = time.perf_counter() + RETRY_SECONDS
             return
+        if not connected:
+            selector.register(client.socket, selectors.EVENT_READ, client)
+        waiting.add(client)
 
-    while waiting or joining or window is None:
+    while True:
         now = time.perf_counter()
-        if joining and now >= started + ramp_seconds * (len(clients) - len(joining)) / len(clients):
-            next_request(joining.pop(0))
-            continue
-        if window is None and not joining and now >= started + ramp_seconds:
-            # Measured from here: what the ramp answered does not count (its errors do).
+        if window is None and now >= measured_from:
+            # Measured from here: the ramp's answers and errors are reported apart.
             for client in clients:
-                client.latencies.clear()
+                client.start_window()
             window = Window(plan.get("watch_pids", []))
-        for key, _ in selector.select(timeout=0.005 if joining or window is None else 1.0):
+        if now >= deadline + ANSWER_WAIT_SECONDS:  # answers that never come are errors
+            for client in list(waiting):
+                drop(client)
+            break
+        if now >= deadline and not waiting:
+            break
+        if now < deadline:
+            for client in [client for client, at in due.items() if at <= now]:
+                del due[client]
+                send(client)
+        if now < deadline:
+            wake_at = min([*due.values(), deadline, *([measured_from] if window is None else [])])
+        else:
+            wake_at = deadline + ANSWER_WAIT_SECONDS
+        for key, _ in selector.select(timeout=max(wake_at - time.perf_counter(), 0.0)):
             client = key.data
             try:
                 done = client.receive()
@@ -193,14 +211,10 @@ def run(plan: dict) -> dict:
                 done = True
             if done:
                 waiting.discard(client)
-                next_request(client)
-        if time.perf_counter() > deadline + 30:  # answers that never come are errors
-            for client in list(waiting):
-                drop(client)
-            break
+                if time.perf_counter() < deadline:
+                    send(client)
     used = window.close()
     latencies = sorted(latency for client in clients for latency in client.latencies)
-    errors = sum(client.errors for client in clients)
     for client in clients:
         if client.socket is not None:
             client.socket.close()
@@ -210,7 +224,8 @@ def run(plan: dict) -> dict:
             return 0.0
         return round(latencies[min(len(latencies) - 1, int(len(latencies) * fraction))] * 1000, 2)
 
-    return {"requests": len(latencies), "errors": errors,
+    return {"requests": len(latencies), "errors": sum(client.errors for client in clients),
+            "ramp_errors": sum(client.ramp_errors for client in clients),
             "per_second": round(len(latencies) / used["seconds"], 1),
             "p50_ms": percentile(0.50), "p99_ms": percentile(0.99), "max_ms": percentile(1.0),
             "driver_cpu_percent": round(100 * used["driver_cpu_seconds"] / used["seconds"], 1),

@@ -152,6 +152,11 @@ def drive(plan: dict, workdir: Path, api_pid: int) -> dict:
     return result
 
 
+def _ratio(part: float, whole: float) -> float | None:
+    """None when there is nothing to compare with (a run that answered nothing)."""
+    return round(part / whole, 3) if whole else None
+
+
 def pgbench(bin_dir: Path, url: str, clients: int, seconds: int, accounts: int, hot: bool,
             workdir: Path, form: str = "single-call") -> dict:
     script = workdir / f"pgbench-{form}-{'hot' if hot else 'uniform'}.sql"
@@ -225,7 +230,7 @@ def main() -> int:
                             "clients": clients, "api_keys": keys[:clients], "accounts": accounts[1:],
                             "hot_account": accounts[0] if hot else None}
                     result = drive(plan, home, api.pid)
-                    ratio = round(result["per_second"] / ceiling["per_second"], 3)
+                    ratio = _ratio(result["per_second"], ceiling["per_second"])
                     rows.append({"scenario": scenario, "clients": clients, **result,
                                  "ceiling_per_second": ceiling["per_second"],
                                  "ceiling_machine_busy_cores": ceiling["machine_busy_cores"],
@@ -240,11 +245,11 @@ def main() -> int:
             uniform = next(r for r in rows if r["scenario"] == "transfer-uniform"
                            and r["clients"] == clients)
             rows.append({"scenario": "idempotent-replay", "clients": clients, **replay,
-                         "cost_vs_transfer": round(uniform["per_second"] / replay["per_second"], 3),
-                         "cpu_cost_vs_transfer": round(replay["api_cpu_ms_per_request"]
-                                                       / uniform["api_cpu_ms_per_request"], 3),
-                         "machine_cpu_cost_vs_transfer": round(replay["machine_cpu_ms_per_request"]
-                                                               / uniform["machine_cpu_ms_per_request"], 3)})
+                         "cost_vs_transfer": _ratio(uniform["per_second"], replay["per_second"]),
+                         "cpu_cost_vs_transfer": _ratio(replay["api_cpu_ms_per_request"],
+                                                        uniform["api_cpu_ms_per_request"]),
+                         "machine_cpu_cost_vs_transfer": _ratio(replay["machine_cpu_ms_per_request"],
+                                                                uniform["machine_cpu_ms_per_request"])})
             memory = {"api_worker_peak_rss_mib": children_peak_rss_mib(api.pid)}
         finally:
             api.terminate()
@@ -259,7 +264,7 @@ def main() -> int:
     print("  ".join(f"{name:>18}" for name in columns))
     for row in rows:
         print("  ".join(f"{str(row.get(name, '')):>18}" for name in columns))
-    errors = sum(row["errors"] + row.get("ceiling_errors", 0) for row in rows)
+    errors = sum(row["errors"] + row.get("ramp_errors", 0) + row.get("ceiling_errors", 0) for row in rows)
     if not args.smoke:
         RESULTS.mkdir(parents=True, exist_ok=True)
         report = {"machine": {"cores": os.cpu_count(), "python": platform.python_version(),
