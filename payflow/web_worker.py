@@ -15,7 +15,7 @@ from http import HTTPStatus
 from gunicorn.http.errors import ParseException
 from gunicorn.workers.gthread import ThreadWorker
 
-from payflow.api.errors import error_body
+from payflow.api.errors import INTERNAL_ERROR_MESSAGE, error_body
 from payflow.api.observability import SECURITY_HEADERS
 
 MESSAGE_CHARS_MAX = 200  # the parse error may quote the client's line back
@@ -62,7 +62,7 @@ class _JsonErrorPage:
     def sendall(self, page: bytes) -> None:
         status = int(page.split(b" ", 2)[1])  # "HTTP/1.1 400 Bad Request\r\n..."
         if status == 500:  # gunicorn's own trouble, not the client's: its log has the details
-            code, message = "internal_error", "An unexpected error happened; it is logged."
+            code, message = "internal_error", INTERNAL_ERROR_MESSAGE
         else:
             code = _CODES.get(status, "bad_request")
             message = f"This HTTP request cannot be read: {self._error}"
@@ -71,7 +71,13 @@ class _JsonErrorPage:
         body = error_body(code, message).encode()
         headers = [("Connection", "close"), ("Content-Type", "application/json"),
                    ("Content-Length", str(len(body))), *SECURITY_HEADERS]
-        reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
-        head = f"HTTP/1.1 {status} {reason}\r\n" + "".join(
+        head = f"HTTP/1.1 {status} {_reason(status)}\r\n" + "".join(
             f"{name}: {value}\r\n" for name, value in headers) + "\r\n"
         self._sock.sendall(head.encode("latin-1") + body)
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"

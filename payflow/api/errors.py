@@ -22,6 +22,8 @@ _HTTP_CODES = {
     415: "unsupported_media_type",
 }
 
+INTERNAL_ERROR_MESSAGE = "An unexpected error happened; it is logged."
+
 
 def error_body(code: str, message: str, details: dict | None = None) -> str:
     return json.dumps({"error": {"code": code, "message": message, "details": details or {}}})
@@ -54,7 +56,7 @@ def _http_error(error: HTTPException) -> Response:
 
 def _unexpected(error: Exception) -> Response:
     log.exception("unhandled error: this is a bug")
-    return error_response(500, "internal_error", "An unexpected error happened; it is logged.")
+    return error_response(500, "internal_error", INTERNAL_ERROR_MESSAGE)
 
 
 def register(app: Flask) -> None:
