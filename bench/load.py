@@ -198,7 +198,6 @@ def run(plan: dict) -> dict:
             for client in [client for client, at in due.items() if at <= now]:
                 del due[client]
                 send(client)
-        if now < deadline:
             wake_at = min([*due.values(), deadline, *([measured_from] if window is None else [])])
         else:
             wake_at = deadline + ANSWER_WAIT_SECONDS
